@@ -1,0 +1,54 @@
+"""Connecting to Ray: an embedded local Ray by default, a cluster with ``address``.
+
+Under ``ray job submit`` the entrypoint finds its cluster through ``RAY_ADDRESS``, which
+Ray sets; nothing needs to be passed. The embedded Ray binds to 127.0.0.1 only and never
+reports usage statistics (no traffic leaves the machine).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+
+
+def quiet_ray_environment() -> None:
+    """Environment every ratefit process sets before Ray starts."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DISABLE_DOCKER_CPU_WARNING", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None,
+            runtime_env: dict[str, Any] | None = None) -> bool:
+    """Make sure this process is connected to Ray; return True if this call started it.
+
+    ``address`` may be ``auto``, ``HOST:PORT`` or ``ray://HOST:10001``. With no address and
+    no ``RAY_ADDRESS``, a local Ray starts inside this process tree.
+    """
+    quiet_ray_environment()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
+    if runtime_env:
+        kwargs["runtime_env"] = runtime_env
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
+    return True
+
+
+def cluster_gpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))

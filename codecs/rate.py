@@ -1,0 +1,278 @@
+"""Per-item rate control: find the rate-control value that meets a target.
+
+This module is the one place that decides what "meets the target" means:
+
+* a rate target (``bpp`` or ``bytes``) is a ceiling on the *stored* size, container header
+  included: the result never exceeds it and is as close below it as the codec allows;
+* a ``psnr`` target asks for the smallest output whose PSNR reaches it;
+* a target the codec cannot reach gives ``unreachable`` with the nearest result kept.
+
+Discrete codecs (integer quality) are searched over their integer positions with
+interpolation in log-size, falling back to bisection when interpolation stalls. Continuous
+codecs are searched on the codec's cheap rate ``estimate`` (secant steps in log-rate inside
+a bisection bracket), then encoded for real, and corrected while the real size is above the
+ceiling. The search assumes rate and quality grow monotonically with the control value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ratefit.codecs.base import Codec
+from ratefit.codecs.metrics import psnr as psnr_of
+
+TARGET_KINDS = ("bpp", "bytes", "psnr")
+RATE_TOLERANCE = 0.005      # continuous codecs: land within 0.5% below a rate ceiling
+PSNR_TOLERANCE_DB = 0.02    # continuous codecs: land within 0.02 dB above a PSNR target
+MAX_CORRECTIONS = 4
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise ValueError(f"target kind must be one of {TARGET_KINDS}, got {self.kind!r}")
+        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+            raise ValueError(f"target {self.kind} must be a positive finite number, got {self.value!r}")
+
+    def max_bytes(self, pixels: int) -> int | None:
+        """The stored-size ceiling for an image of ``pixels`` pixels, or None for a quality target."""
+        if self.kind == "bytes":
+            return int(math.floor(self.value))
+        if self.kind == "bpp":
+            return int(math.floor(self.value * pixels / 8.0))
+        return None
+
+
+@dataclass
+class Outcome:
+    value: float
+    payload: bytes
+    status: str               # "ok" | "unreachable"
+    reason: str | None
+    encodes: int              # real encodes made by the search (entropy coding included)
+    estimates: int = 0        # cheap rate estimates made by the search
+
+
+class _Probe:
+    """Caches real encodes (and their PSNR) by control value, counting them."""
+
+    def __init__(self, codec: Codec, prepared: Any, image: np.ndarray):
+        self.codec, self.prepared, self.image = codec, prepared, image
+        self.payloads: dict[float, bytes] = {}
+        self.psnrs: dict[float, float] = {}
+        self.encodes = 0
+        self.estimates = 0
+
+    def payload(self, value: float) -> bytes:
+        if value not in self.payloads:
+            self.payloads[value] = self.codec.encode(self.prepared, value)
+            self.encodes += 1
+        return self.payloads[value]
+
+    def size(self, value: float) -> int:
+        return len(self.payload(value))
+
+    def psnr(self, value: float) -> float:
+        if value not in self.psnrs:
+            h, w = self.image.shape[:2]
+            rec = self.codec.decode(self.payload(value), w, h, value)
+            self.psnrs[value] = psnr_of(self.image, rec)
+        return self.psnrs[value]
+
+    def estimate_bits(self, value: float) -> float | None:
+        bits = self.codec.estimate(self.prepared, value)
+        if bits is not None:
+            self.estimates += 1
+        return bits
+
+
+def search(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overhead: int) -> Outcome:
+    """Search the control value for ``target``; ``overhead`` is the container header size."""
+    probe = _Probe(codec, prepared, image)
+    h, w = image.shape[:2]
+    ceiling = target.max_bytes(w * h)
+    if codec.control.discrete:
+        out = _discrete(codec, probe, target, None if ceiling is None else ceiling - overhead)
+    elif ceiling is not None:
+        out = _continuous_rate(codec, probe, ceiling - overhead)
+    else:
+        out = _continuous_psnr(codec, probe, target.value)
+    out.encodes, out.estimates = probe.encodes, probe.estimates
+    return out
+
+
+# ----------------------------------------------------------------------------- discrete
+
+def _first_true(evaluate: Callable[[int], tuple[bool, float]], n: int, threshold: float) -> int:
+    """First position in [0, n) whose predicate is true (n if none), for a monotone predicate.
+
+    ``evaluate(pos)`` returns (predicate, measure); the measure (log size or PSNR, growing
+    with pos) steers interpolation between the bracket ends towards ``threshold``.
+    """
+    lo, hi = -1, n            # virtual ends: predicate false below 0, true at n
+    m_lo = m_hi = None
+    probe = (n - 1) // 2
+    while hi - lo > 1:
+        width = hi - lo
+        flag, measure = evaluate(probe)
+        if flag:
+            hi, m_hi = probe, measure
+        else:
+            lo, m_lo = probe, measure
+        probe = (lo + hi) // 2
+        if m_lo is not None and m_hi is not None and m_hi > m_lo and hi - lo > 2 and (hi - lo) * 2 <= width:
+            guess = lo + (threshold - m_lo) / (m_hi - m_lo) * (hi - lo)
+            probe = int(min(max(round(guess), lo + 1), hi - 1))
+    return hi
+
+
+def _discrete(codec: Codec, probe: _Probe, target: Target, budget: int | None) -> Outcome:
+    ctrl = codec.control
+    low, high = int(ctrl.low), int(ctrl.high)
+    n = high - low + 1
+
+    def value_at(pos: int) -> float:
+        return float(low + pos if ctrl.increasing else high - pos)
+
+    if budget is not None:
+        if budget <= 0:
+            return Outcome(value_at(0), probe.payload(value_at(0)), "unreachable",
+                           f"target leaves no room for a payload after the {target.kind} ceiling", 0)
+
+        def over(pos: int) -> tuple[bool, float]:
+            size = probe.size(value_at(pos))
+            return size > budget, math.log(max(size, 1))
+
+        first_over = _first_true(over, n, math.log(budget))
+        if first_over == 0:
+            v = value_at(0)
+            return Outcome(v, probe.payload(v), "unreachable",
+                           f"even the lowest {ctrl.name} ({v:g}) gives {probe.size(v)} payload bytes, "
+                           f"above the {budget} the target allows", 0)
+        v = value_at(first_over - 1)
+        if first_over == n:
+            return Outcome(v, probe.payload(v), "unreachable",
+                           f"the highest {ctrl.name} ({v:g}) gives only {probe.size(v)} payload bytes, "
+                           f"below the {budget} the target allows", 0)
+        return Outcome(v, probe.payload(v), "ok", None, 0)
+
+    def reaches(pos: int) -> tuple[bool, float]:
+        p = probe.psnr(value_at(pos))
+        return p >= target.value, p
+
+    first = _first_true(reaches, n, target.value)
+    if first == n:
+        v = value_at(n - 1)
+        return Outcome(v, probe.payload(v), "unreachable",
+                       f"the highest {ctrl.name} ({v:g}) reaches {probe.psnr(v):.2f} dB, "
+                       f"below the {target.value:g} dB target", 0)
+    v = value_at(first)
+    return Outcome(v, probe.payload(v), "ok", None, 0)
+
+
+# --------------------------------------------------------------------------- continuous
+
+def _value_of(codec: Codec, u: float) -> float:
+    """Map u in [0, 1] (0 = lowest rate) to the codec's control value."""
+    c = codec.control
+    return c.low + u * (c.high - c.low) if c.increasing else c.high - u * (c.high - c.low)
+
+
+def _solve_below(rate: Callable[[float], float], limit: float, tol: float, iters: int = 40) -> tuple[float, float]:
+    """Largest u in [0, 1] with rate(u) <= limit, within ``tol`` of the limit; rate grows with u.
+
+    Returns (u, rate(u)); u = 0 when even rate(0) is above the limit. Secant steps in
+    log-rate, kept inside the bisection bracket and abandoned when the bracket stops halving.
+    """
+    r0 = rate(0.0)
+    if r0 > limit:
+        return 0.0, r0
+    r1 = rate(1.0)
+    if r1 <= limit:
+        return 1.0, r1
+    lo, hi, r_lo, r_hi = 0.0, 1.0, r0, r1
+    log_limit = math.log(limit)
+    for _ in range(iters):
+        if r_lo >= limit * (1.0 - tol) or hi - lo < 1e-7:
+            break
+        width = hi - lo
+        if r_lo > 0 and r_hi > r_lo:
+            u = lo + (log_limit - math.log(r_lo)) / (math.log(r_hi) - math.log(r_lo)) * width
+            u = min(max(u, lo + 0.02 * width), hi - 0.02 * width)
+        else:
+            u = 0.5 * (lo + hi)
+        r = rate(u)
+        if r <= limit:
+            lo, r_lo = u, r
+        else:
+            hi, r_hi = u, r
+        if hi - lo > 0.5 * width and r_lo < limit * (1.0 - tol):
+            u = 0.5 * (lo + hi)   # secant stalled: one bisection step
+            r = rate(u)
+            if r <= limit:
+                lo, r_lo = u, r
+            else:
+                hi, r_hi = u, r
+    return lo, r_lo
+
+
+def _continuous_rate(codec: Codec, probe: _Probe, budget: int) -> Outcome:
+    if budget <= 0:
+        v = _value_of(codec, 0.0)
+        return Outcome(v, probe.payload(v), "unreachable", "target leaves no room for a payload", 0)
+    has_estimate = probe.estimate_bits(_value_of(codec, 0.0)) is not None
+
+    def real_bytes(u: float) -> float:
+        return float(probe.size(_value_of(codec, u)))
+
+    if not has_estimate:
+        u, _ = _solve_below(real_bytes, budget, RATE_TOLERANCE)
+    else:
+        aim = float(budget)
+        u = 0.0
+        for _ in range(MAX_CORRECTIONS):
+            u, _ = _solve_below(lambda x: probe.estimate_bits(_value_of(codec, x)) / 8.0, aim, RATE_TOLERANCE)
+            real = real_bytes(u)
+            if real <= budget or u == 0.0:
+                break
+            aim *= budget / real * (1.0 - RATE_TOLERANCE)   # the estimate ran low: aim lower
+        if real_bytes(u) > budget and u > 0.0:
+            # The estimate kept running low: finish with real encodes below the last try.
+            top = u
+            x, _ = _solve_below(lambda x: real_bytes(x * top), budget, RATE_TOLERANCE)
+            u = x * top
+    v = _value_of(codec, u)
+    size = probe.size(v)
+    if size > budget:
+        return Outcome(v, probe.payload(v), "unreachable",
+                       f"even the lowest rate gives {size} payload bytes, above the {budget} the target allows", 0)
+    if u == 1.0:
+        return Outcome(v, probe.payload(v), "unreachable",
+                       f"the highest rate gives only {size} payload bytes, below the {budget} the target allows", 0)
+    return Outcome(v, probe.payload(v), "ok", None, 0)
+
+
+def _continuous_psnr(codec: Codec, probe: _Probe, target_db: float) -> Outcome:
+    v_hi = _value_of(codec, 1.0)
+    if probe.psnr(v_hi) < target_db:
+        return Outcome(v_hi, probe.payload(v_hi), "unreachable",
+                       f"the highest rate reaches {probe.psnr(v_hi):.2f} dB, below the {target_db:g} dB target", 0)
+    lo, hi = 0.0, 1.0
+    if probe.psnr(_value_of(codec, 0.0)) >= target_db:
+        hi = 0.0
+    while hi - lo > 1e-4 and probe.psnr(_value_of(codec, hi)) - target_db > PSNR_TOLERANCE_DB:
+        mid = 0.5 * (lo + hi)
+        if probe.psnr(_value_of(codec, mid)) >= target_db:
+            hi = mid
+        else:
+            lo = mid
+    v = _value_of(codec, hi)
+    return Outcome(v, probe.payload(v), "ok", None, 0)

@@ -1,0 +1,51 @@
+"""The registry behind ``--codec NAME``.
+
+Built-in codecs register here on import; other packages add theirs through the
+``ratefit.codecs`` entry point group (the entry point names a factory taking keyword
+options and returning a Codec). Factories, not instances, are registered: a codec may hold
+a model on a GPU and must be built inside the worker that uses it.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+from ratefit.codecs.base import Codec
+
+Factory = Callable[..., Codec]
+_FACTORIES: dict[str, Factory] = {}
+_entry_points_loaded = False
+
+
+def register(name: str, factory: Factory) -> None:
+    if name in _FACTORIES and _FACTORIES[name] is not factory:
+        raise ValueError(f"codec {name!r} is already registered")
+    _FACTORIES[name] = factory
+
+
+def _load_builtin_and_plugins() -> None:
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    import ratefit.codecs.pillow  # noqa: F401  (registers jpeg, webp, avif)
+
+    for ep in entry_points(group="ratefit.codecs"):
+        if ep.name not in _FACTORIES:
+            _FACTORIES[ep.name] = ep.load()
+    _entry_points_loaded = True
+
+
+def get_codec(name: str, **options: Any) -> Codec:
+    """Build the codec registered as ``name``; raises KeyError listing the known names."""
+    _load_builtin_and_plugins()
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(_FACTORIES))}") from None
+    return factory(**options)
+
+
+def list_codecs() -> list[str]:
+    _load_builtin_and_plugins()
+    return sorted(_FACTORIES)

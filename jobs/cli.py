@@ -1,0 +1,105 @@
+"""The ``ratefit`` command line: compress, decompress, inspect, codecs, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from ratefit.workers.storage import redact
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run a command, turning expected failures into one clear line and exit status 2."""
+    from ratefit.codecs.container import ContainerError
+    from ratefit.jobs.plan import PlanError
+    from ratefit.jobs.runner import JobError
+    from ratefit.jobs.spec import SpecError
+
+    try:
+        return fn()
+    except (SpecError, PlanError, JobError, ContainerError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"ratefit: error: {redact(str(msg))}", file=sys.stderr)
+        return 2
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import fsspec
+
+    from ratefit.codecs.container import ContainerError, unpack
+
+    status = 0
+    for url in args.files:
+        try:
+            with fsspec.open(url, "rb") as f:
+                data = f.read()
+            header, _ = unpack(data)
+        except (ContainerError, OSError) as e:
+            print(f"{redact(url)}: error: {e}", file=sys.stderr)
+            status = 2
+            continue
+        info = {
+            "file": redact(url), "format_version": header.version, "codec": header.codec,
+            "weights_sha256": header.weights_sha256.hex() or None, "rate_param": header.value,
+            "width": header.width, "height": header.height, "original_mode": header.mode,
+            "header_bytes": header.size, "payload_bytes": header.payload_length,
+            "file_bytes": len(data), "bpp": round(len(data) * 8 / (header.width * header.height), 5),
+            "crc32": f"{header.crc32:08x}",
+        }
+        print(json.dumps(info, indent=2))
+    return status
+
+
+def _codecs(args: argparse.Namespace) -> int:
+    from ratefit.codecs.registry import get_codec, list_codecs
+
+    print(f"{'name':<12} {'control':<10} {'range':<12} {'kind':<11} {'device':<7} {'speed':<7} extension")
+    for name in list_codecs():
+        c = get_codec(name)
+        ctl = c.control
+        print(f"{name:<12} {ctl.name:<10} {f'{ctl.low:g}..{ctl.high:g}':<12} "
+              f"{'discrete' if ctl.discrete else 'continuous':<11} {c.device:<7} {c.speed:<7} .{c.extension}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ratefit.jobs import decompress, demo, recompress
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
+                                "per-item target bitrates, as Ray jobs over any fsspec storage.")
+    sub = p.add_subparsers(dest="command", required=True)
+    pc = sub.add_parser("compress", help="compress a folder or listing to OUTPUT at a target")
+    recompress.add_compress_arguments(pc)
+    pd = sub.add_parser("decompress", help="restore PNGs from the .rfic files under INPUT")
+    decompress.add_decompress_arguments(pd)
+    pi = sub.add_parser("inspect", help="print the header of .rfic files")
+    pi.add_argument("files", nargs="+")
+    sub.add_parser("codecs", help="list registered codecs")
+    pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
+    pm.add_argument("output", nargs="?", default="demo-output")
+    pm.add_argument("--target-bpp", type=float, default=0.5)
+    args = p.parse_args(argv)
+
+    if args.command == "compress":
+        return run_guarded(lambda: recompress._run_and_print(recompress.spec_from_args(args)))
+    if args.command == "decompress":
+        def go() -> int:
+            spec = decompress.spec_for(args)
+            recompress.print_summary(decompress.run(spec), spec.output)
+            return 0
+        return run_guarded(go)
+    if args.command == "inspect":
+        return _inspect(args)
+    if args.command == "codecs":
+        return _codecs(args)
+    if args.command == "demo":
+        return run_guarded(lambda: demo.run_demo(args.output, args.target_bpp))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Planning: stream the inputs into deterministic shards.
+
+Nothing here holds the whole listing: folders are walked in sorted order (S3 prefixes
+page through ListObjectsV2, whose order is lexicographic), listing files are read in
+record batches, and shards are yielded as they fill. The same inputs always give the
+same shards, which is what makes resume by shard index safe; the runner also
+fingerprints each shard so a changed listing is detected instead of mixed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+from typing import Any, Iterable, Iterator
+
+import fsspec
+
+from ratefit.codecs.rate import TARGET_KINDS, Target
+from ratefit.workers.items import Item, Shard
+from ratefit.workers.storage import is_local, open_fs
+
+LISTING_BATCH_ROWS = 8192
+
+
+class PlanError(ValueError):
+    """The input cannot be listed (missing folder, bad listing file)."""
+
+
+# ------------------------------------------------------------------------- folder walks
+
+def _walk_local(root: str, skip: str | None) -> Iterator[str]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.join(dirpath, d) != skip)
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield os.path.join(dirpath, name)
+
+
+def _walk_s3(fs, root: str) -> Iterator[str]:
+    """Page through an S3 prefix without materialising the whole listing."""
+    from fsspec.asyn import sync
+
+    bucket, key, _ = fs.split_path(root)
+    prefix = key.rstrip("/") + "/" if key else ""
+    agen = fs._iterdir(bucket, delimiter="", prefix=prefix)
+    while True:
+        try:
+            info = sync(fs.loop, agen.__anext__)
+        except StopAsyncIteration:
+            return
+        if info.get("type") == "file":
+            yield info["name"]
+
+
+def walk_files(fs, root: str, skip: str | None = None) -> Iterator[str]:
+    """Every file under ``root`` in a deterministic order."""
+    if is_local(fs):
+        if not os.path.isdir(root):
+            raise PlanError(f"input folder not found: {root}")
+        yield from _walk_local(root, skip)
+    elif "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        yield from _walk_s3(fs, root)
+    else:
+        yield from sorted(fs.find(root))
+
+
+def _relative(path: str, root: str) -> str:
+    return posixpath.relpath(path.replace(os.sep, "/"), root.replace(os.sep, "/"))
+
+
+def iter_folder(input_url: str, extensions: Iterable[str], storage_options: dict[str, Any] | None = None,
+                skip_url: str | None = None) -> Iterator[Item]:
+    fs, root = open_fs(input_url, storage_options)
+    skip = None
+    if skip_url is not None and is_local(fs):
+        skip = os.path.abspath(open_fs(skip_url)[1])
+    exts = tuple(e.lower() for e in extensions)
+    for path in walk_files(fs, root, skip):
+        if path.lower().endswith(exts):
+            uri = path if is_local(fs) else fs.unstrip_protocol(path)
+            yield Item(uri=uri, relpath=_relative(path, root))
+
+
+# ------------------------------------------------------------------------ listing files
+
+def _listing_batches(url: str, storage_options: dict[str, Any] | None) -> Iterator[dict[str, list]]:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    wanted = ["uri"] + [f"target_{k}" for k in TARGET_KINDS]
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
+        if url.lower().endswith(".parquet"):
+            pf = pq.ParquetFile(f)
+            names = set(pf.schema_arrow.names)
+            if "uri" not in names:
+                raise PlanError(f"listing {url} has no 'uri' column (columns: {', '.join(sorted(names))})")
+            for batch in pf.iter_batches(batch_size=LISTING_BATCH_ROWS, columns=[c for c in wanted if c in names]):
+                yield batch.to_pydict()
+        else:
+            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20),
+                                    convert_options=pacsv.ConvertOptions(
+                                        column_types={"uri": "string"}, strings_can_be_null=True))
+            names = set(reader.schema.names)
+            if "uri" not in names:
+                raise PlanError(f"listing {url} has no 'uri' column (columns: {', '.join(sorted(names))})")
+            for batch in reader:
+                d = batch.to_pydict()
+                yield {k: d[k] for k in wanted if k in d}
+
+
+def _row_item(uri: Any, targets: dict[str, Any], base_fs, base_dir: str, row_no: int) -> Item:
+    if not isinstance(uri, str) or not uri.strip():
+        return Item(uri=f"<listing row {row_no}>", relpath=f"_invalid/row-{row_no}", error=f"listing row {row_no}: empty uri")
+    uri = uri.strip()
+    given = [(k, v) for k, v in targets.items() if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    target, error = None, None
+    if len(given) > 1:
+        error = f"listing row {row_no} gives several targets ({', '.join(k for k, _ in given)}); give one"
+    elif given:
+        try:
+            target = Target(given[0][0], float(given[0][1]))
+        except (TypeError, ValueError) as e:
+            error = f"listing row {row_no}: {e}"
+    has_protocol = "://" in uri
+    if has_protocol or uri.startswith("/"):
+        path = fsspec.core.strip_protocol(uri) if has_protocol else uri
+        base = base_dir.rstrip("/") + "/"
+        rel = path[len(base):] if path.startswith(base) else path.lstrip("/")
+    else:
+        rel = uri
+        parts = uri.replace("\\", "/").split("/")
+        if ".." in parts:
+            error = error or f"listing row {row_no}: path {uri!r} escapes the listing's folder"
+        uri = posixpath.join(base_dir, uri) if is_local(base_fs) else base_fs.unstrip_protocol(posixpath.join(base_dir, uri))
+    if ".." in rel.replace("\\", "/").split("/"):
+        error = error or f"listing row {row_no}: path {rel!r} would escape OUTPUT"
+    return Item(uri=uri, relpath=rel, target=target, error=error)
+
+
+def iter_listing(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Item]:
+    """Items from a Parquet or CSV listing with a ``uri`` column and optional target_* columns.
+
+    Relative URIs are resolved against the listing file's folder and mirror under OUTPUT
+    as given; absolute ones mirror their path below that folder, or their full path.
+    """
+    base_fs, listing_path = open_fs(url, storage_options)
+    base_dir = posixpath.dirname(listing_path)
+    row_no = 0
+    try:
+        for batch in _listing_batches(url, storage_options):
+            uris = batch["uri"]
+            cols = {k: batch.get(f"target_{k}") for k in TARGET_KINDS}
+            for i, uri in enumerate(uris):
+                row_no += 1
+                targets = {k: (c[i] if c is not None else None) for k, c in cols.items()}
+                yield _row_item(uri, targets, base_fs, base_dir, row_no)
+    except FileNotFoundError:
+        raise PlanError(f"listing file not found: {url}") from None
+
+
+# ------------------------------------------------------------------------------ shards
+
+def shard(items: Iterable[Item], size: int) -> Iterator[Shard]:
+    batch: list[Item] = []
+    index = 0
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield Shard(index, tuple(batch))
+            index += 1
+            batch = []
+    if batch:
+        yield Shard(index, tuple(batch))

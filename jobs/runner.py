@@ -1,0 +1,239 @@
+"""Run a planned job over a pool of shard actors: resume, retries, progress, finish.
+
+The driver only ever holds the shards in flight plus, per planned shard, its size and a
+fingerprint of its inputs. After the last shard it checks every planned shard against its
+committed manifest part (same count, same inputs, so every item has exactly one row) and
+only then writes ``_SUCCESS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from ratefit.cluster.connect import cluster_cpus, cluster_gpus, connect
+from ratefit.jobs.progress import Progress
+from ratefit.jobs.spec import JobSpec
+from ratefit.workers.actor import ShardWorker
+from ratefit.workers.items import Shard
+from ratefit.workers.manifest import MANIFEST_DIR, existing_parts, part_name, write_part
+from ratefit.workers.storage import atomic_write, open_fs, redact
+
+log = logging.getLogger("ratefit")
+JOB_RECORD = "_ratefit_job.json"
+SUCCESS = "_SUCCESS"
+MAX_ATTEMPTS = 3
+IN_FLIGHT_PER_WORKER = 2
+
+
+class JobError(RuntimeError):
+    """The job could not complete; the message says why and what to do."""
+
+
+def ratefit_version() -> str:
+    try:
+        return version("ratefit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def shard_fingerprint(uris: list[str]) -> str:
+    return hashlib.sha256("\n".join(uris).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@dataclass
+class _Planned:
+    count: int
+    fingerprint: str
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    busy: int = 0
+
+
+@dataclass
+class RunState:
+    planned: dict[int, _Planned] = field(default_factory=dict)
+    resumed_shards: int = 0
+    retried_shards: int = 0
+    failed_shards: int = 0
+
+
+def _prepare_output(spec: JobSpec, fs, root: str) -> None:
+    record_path = f"{root}/{JOB_RECORD}"
+    manifest = f"{root}/{MANIFEST_DIR}"
+    if spec.overwrite:
+        for path in (manifest, f"{root}/{SUCCESS}", record_path):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    elif fs.exists(record_path):
+        old = json.loads(fs.cat_file(record_path))
+        if old.get("spec_hash") != spec.spec_hash():
+            raise JobError(
+                f"{redact(spec.output)} already holds a different {old.get('kind', 'ratefit')} job "
+                f"(spec hash {old.get('spec_hash', '?')[:12]}, this one {spec.spec_hash()[:12]}); "
+                "use --overwrite to start over, or another OUTPUT")
+    elif existing_parts(fs, manifest):
+        raise JobError(f"{redact(spec.output)}/{MANIFEST_DIR} holds parts of an unknown job; "
+                       "use --overwrite to start over, or another OUTPUT")
+    record = {"kind": spec.kind, "spec_hash": spec.spec_hash(), "ratefit_version": ratefit_version(),
+              "spec": spec.to_dict(redacted=True)}
+    atomic_write(fs, record_path, json.dumps(record, indent=2).encode())
+
+
+def _failed_rows(shard: Shard, schema, attempt: int, reason: str) -> list[dict]:
+    rows = []
+    for item in shard.items:
+        row = {name: None for name in schema.names}
+        row.update(input_uri=redact(item.uri), status="error", attempt=attempt, shard=shard.index,
+                   error=redact(f"worker: {reason}"))
+        rows.append(row)
+    return rows
+
+
+def run_shards(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
+               codec_device: str = "cpu") -> dict[str, Any]:
+    """Process ``shards`` on a pool of ShardWorker actors and finish the job."""
+    import ray
+    from ray.exceptions import RayError
+
+    t_start = time.time()
+    fs, root = open_fs(spec.output, spec.storage_options)
+    manifest_root = f"{root}/{MANIFEST_DIR}"
+    _prepare_output(spec, fs, root)
+    started = connect(spec.address)
+    state = RunState()
+    progress = Progress(spec.progress, "compress" if spec.kind == "compress" else "decompress")
+    slots: list[_Slot] = []
+    try:
+        gpus = spec.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if codec_device == "cuda" and cluster_gpus() >= 1 else 0.0
+        n_workers = spec.workers or (int(cluster_gpus() // gpus) if gpus > 0 else int(cluster_cpus()))
+        n_workers = max(1, n_workers)
+        remote_cls = ray.remote(ShardWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
+                                                     max_task_retries=0)
+        slots = [_Slot(remote_cls.remote(worker_config)) for _ in range(n_workers)]
+        done = existing_parts(fs, manifest_root)
+        in_flight: dict[Any, tuple[_Slot, Shard, int]] = {}
+
+        def submit(slot: _Slot, shard: Shard, attempt: int) -> None:
+            ref = slot.actor.process.remote(shard, attempt)
+            slot.busy += 1
+            in_flight[ref] = (slot, shard, attempt)
+
+        def collect_one() -> None:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ref = ready[0]
+            slot, shard, attempt = in_flight.pop(ref)
+            slot.busy -= 1
+            try:
+                summary = ray.get(ref)
+                progress.advance(summary["items"], summary["input_bytes"])
+            except RayError as e:
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if attempt < MAX_ATTEMPTS:
+                    log.warning("shard %d attempt %d failed (%s); retrying", shard.index, attempt, reason)
+                    state.retried_shards += 1
+                    submit(min(slots, key=lambda s: s.busy), shard, attempt + 1)
+                else:
+                    state.failed_shards += 1
+                    write_part(fs, manifest_root, shard.index,
+                               _failed_rows(shard, schema, attempt, f"failed {attempt} times: {reason}"), schema)
+                    progress.advance(len(shard.items), 0)
+
+        for shard in shards:
+            uris = [redact(item.uri) or "" for item in shard.items]
+            state.planned[shard.index] = _Planned(len(uris), shard_fingerprint(uris))
+            if shard.index in done:
+                state.resumed_shards += 1
+                progress.advance(len(shard.items), 0)
+                continue
+            while True:
+                slot = min(slots, key=lambda s: s.busy)
+                if slot.busy < IN_FLIGHT_PER_WORKER:
+                    break
+                collect_one()
+            submit(slot, shard, 1)
+        while in_flight:
+            collect_one()
+    finally:
+        progress.close()
+        for slot in slots:
+            try:
+                ray.kill(slot.actor)
+            except Exception:
+                pass
+        if started:
+            ray.shutdown()
+    summary = _finish(spec, fs, root, state, time.time() - t_start)
+    return summary
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float) -> dict[str, Any]:
+    manifest_root = f"{root}/{MANIFEST_DIR}"
+    committed = existing_parts(fs, manifest_root)
+    stray = sorted(committed - set(state.planned))
+    if stray:
+        raise JobError(f"{len(stray)} manifest part(s) in {redact(spec.output)}/{MANIFEST_DIR} are not in this plan "
+                       f"(e.g. {part_name(stray[0])}): the input changed since they were written; "
+                       "re-run with --overwrite")
+    statuses: Counter[str] = Counter()
+    in_bytes = out_bytes = 0
+    bpps: list[float] = []
+    psnrs: list[float] = []
+    ssims: list[float] = []
+    for index, planned in sorted(state.planned.items()):
+        if index not in committed:
+            raise JobError(f"shard {index} has no manifest part after the run; re-run to finish it")
+        table = pq.read_table(io.BytesIO(fs.cat_file(f"{manifest_root}/{part_name(index)}")))
+        rows = table.to_pydict()
+        uris = rows["input_uri"]
+        if len(uris) != planned.count or shard_fingerprint([u or "" for u in uris]) != planned.fingerprint:
+            raise JobError(f"manifest part {part_name(index)} does not match the planned shard "
+                           f"({len(uris)} rows, {planned.count} planned): the input changed since it was "
+                           "written; re-run with --overwrite")
+        statuses.update(rows["status"])
+        in_bytes += sum(v or 0 for v in rows["input_bytes"])
+        out_bytes += sum(v or 0 for v in rows["output_bytes"])
+        bpps += [v for v in rows.get("bpp", []) if v is not None]
+        psnrs += [v for v in rows.get("psnr", []) if v is not None]
+        ssims += [v for v in rows.get("ms_ssim", []) if v is not None]
+    items = sum(p.count for p in state.planned.values())
+    summary: dict[str, Any] = {
+        "kind": spec.kind,
+        "items": items,
+        "statuses": dict(statuses),
+        "shards": len(state.planned),
+        "resumed_shards": state.resumed_shards,
+        "retried_shards": state.retried_shards,
+        "failed_shards": state.failed_shards,
+        "input_bytes": in_bytes,
+        "output_bytes": out_bytes,
+        "wall_s": round(wall_s, 3),
+        "ratefit_version": ratefit_version(),
+        "spec_hash": spec.spec_hash(),
+        "spec": spec.to_dict(redacted=True),
+    }
+    if spec.kind == "compress":
+        summary.update(mean_bpp=_mean(bpps), mean_psnr=_mean(psnrs), mean_ms_ssim=_mean(ssims),
+                       lossless_items=sum(1 for p in psnrs if math.isinf(p)))
+    atomic_write(fs, f"{root}/{SUCCESS}", json.dumps(summary, indent=2, allow_nan=False).encode())
+    return summary

@@ -1,0 +1,148 @@
+"""The job spec: one validated object behind the CLI, ``ray job submit`` and the Python API.
+
+A spec is built from CLI flags or a YAML/JSON file (any fsspec URL). Its hash covers
+exactly the fields that change what the job writes, so a re-run with the same hash may
+resume and a different one must not silently mix outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import yaml
+
+from ratefit.codecs.rate import Target
+from ratefit.workers.read import DEFAULT_MAX_PIXELS
+from ratefit.workers.storage import redact, redact_options
+
+DEFAULT_CODEC = "avif"
+DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif")
+LISTING_SUFFIXES = (".parquet", ".csv")
+_HASHED = ("kind", "input", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
+           "extensions", "shard_size", "max_pixels", "ms_ssim")
+
+
+class SpecError(ValueError):
+    """The spec is invalid; the message says which field and why."""
+
+
+@dataclass
+class JobSpec:
+    input: str
+    output: str
+    kind: str = "compress"           # "compress" | "decompress"
+    codec: str = DEFAULT_CODEC
+    codec_options: dict[str, Any] = field(default_factory=dict)
+    target_bpp: float | None = None
+    target_bytes: float | None = None
+    target_psnr: float | None = None
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    shard_size: int = 16
+    workers: int | None = None         # actors; default: one per CPU (or per GPU for GPU codecs)
+    gpus_per_worker: float | None = None  # None: 1 when the codec runs on CUDA and the cluster has GPUs
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    ms_ssim: bool = True
+    overwrite: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None         # Ray address; None = embedded local Ray (or the submitting cluster)
+    progress: bool | None = None       # None: a bar only on a terminal and when CI is unset
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if not self.input or not isinstance(self.input, str):
+            raise SpecError("input: give a folder URL or a listing file (.parquet/.csv)")
+        if not self.output or not isinstance(self.output, str):
+            raise SpecError("output: give a folder URL")
+        if self.kind not in ("compress", "decompress"):
+            raise SpecError(f"kind: must be compress or decompress, got {self.kind!r}")
+        given = [k for k in ("target_bpp", "target_bytes", "target_psnr") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise SpecError(f"give at most one job-wide target, got {', '.join(given)}")
+        for k in given:
+            try:
+                Target(k.removeprefix("target_"), float(getattr(self, k)))
+            except (TypeError, ValueError) as e:
+                raise SpecError(f"{k}: {e}") from None
+            setattr(self, k, float(getattr(self, k)))
+        if self.kind == "compress" and not given and not self.is_listing:
+            raise SpecError("no target: give --target-bpp, --target-bytes or --target-psnr "
+                            "(or a listing file with per-item target_* columns)")
+        if isinstance(self.extensions, str):
+            self.extensions = tuple(e.strip() for e in self.extensions.split(",") if e.strip())
+        self.extensions = tuple(("." + e.lstrip(".")).lower() for e in self.extensions)
+        if not self.extensions:
+            raise SpecError("extensions: give at least one")
+        for k in ("shard_size", "max_pixels"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SpecError(f"{k}: must be a positive integer, got {v!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise SpecError(f"workers: must be a positive integer, got {self.workers!r}")
+        if self.gpus_per_worker is not None and not (0 <= float(self.gpus_per_worker) <= 8):
+            raise SpecError(f"gpus_per_worker: must be within 0..8, got {self.gpus_per_worker!r}")
+        if not isinstance(self.storage_options, dict) or not isinstance(self.codec_options, dict):
+            raise SpecError("storage_options and codec_options must be mappings")
+        if self.kind == "compress":
+            from ratefit.codecs.registry import list_codecs
+            if self.codec not in list_codecs():
+                raise SpecError(f"codec: unknown {self.codec!r}; known: {', '.join(list_codecs())}")
+
+    @property
+    def is_listing(self) -> bool:
+        return self.input.lower().endswith(LISTING_SUFFIXES)
+
+    def default_target(self) -> Target | None:
+        for kind in ("bpp", "bytes", "psnr"):
+            v = getattr(self, f"target_{kind}")
+            if v is not None:
+                return Target(kind, float(v))
+        return None
+
+    # --------------------------------------------------------------- serialisation
+    def to_dict(self, redacted: bool = True) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["extensions"] = list(self.extensions)
+        if redacted:
+            d["storage_options"] = redact_options(self.storage_options)
+            d["codec_options"] = redact_options(self.codec_options)
+            d["input"], d["output"] = redact(self.input), redact(self.output)
+            d["address"] = redact(self.address)
+        return d
+
+    def spec_hash(self) -> str:
+        d = self.to_dict(redacted=True)
+        payload = json.dumps({k: d[k] for k in _HASHED}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SpecError(f"unknown spec field(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        data = dict(data)
+        if isinstance(data.get("extensions"), list):
+            data["extensions"] = tuple(data["extensions"])
+        return cls(**data)
+
+
+def load_spec_file(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML or JSON spec file (YAML is a superset of JSON) from any fsspec URL."""
+    try:
+        with fsspec.open(url, "rt", **(storage_options or {})) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {redact(url)}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec file {redact(url)} is not valid YAML/JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"spec file {redact(url)} must hold a mapping of fields")
+    return data

@@ -1,0 +1,40 @@
+"""The Ray actor that processes shards: one loaded codec per actor, one shard per call.
+
+Per shard: every item's bitstream is written first, then the shard's manifest part, which
+commits the shard. The actor is a plain class here; the runner wraps it with
+``ray.remote`` and the resources it needs (a GPU when the codec wants one and the cluster
+has them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ratefit.workers.compress import CompressConfig, Compressor
+from ratefit.workers.decompress import DecompressConfig, Decompressor
+from ratefit.workers.items import Shard
+from ratefit.workers.manifest import MANIFEST_DIR, write_part
+
+
+class ShardWorker:
+    def __init__(self, config: CompressConfig | DecompressConfig):
+        if isinstance(config, CompressConfig):
+            self.processor: Compressor | Decompressor = Compressor(config)
+        else:
+            self.processor = Decompressor(config)
+        self.manifest_root = f"{self.processor.out_root}/{MANIFEST_DIR}"
+
+    def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
+        rows = [self.processor(item, shard.index, attempt) for item in shard.items]
+        write_part(self.processor.out_fs, self.manifest_root, shard.index, rows, self.processor.schema)
+        return {
+            "shard": shard.index,
+            "items": len(rows),
+            "statuses": dict(Counter(r["status"] for r in rows)),
+            "input_bytes": sum(r["input_bytes"] or 0 for r in rows),
+            "output_bytes": sum(r["output_bytes"] or 0 for r in rows),
+        }
+
+    def ready(self) -> bool:
+        return True

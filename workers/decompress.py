@@ -1,0 +1,97 @@
+"""Decompress one container back to a PNG at the mirrored path."""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from ratefit.codecs import container
+from ratefit.codecs.base import Codec
+from ratefit.codecs.registry import get_codec
+from ratefit.workers.items import Item
+from ratefit.workers.manifest import DECOMPRESS_SCHEMA, empty_row
+from ratefit.workers.read import ItemError, read_bytes
+from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
+
+
+def restored_relpath(relpath: str) -> str:
+    """``a/b.jpg.avif.rfic`` → ``a/b.jpg.png``; ``a/b.png.webp.rfic`` → ``a/b.png``.
+
+    The container suffix and the codec's own suffix come off, giving the original
+    relative path; a PNG keeps its name, anything else gets ``.png`` appended so two
+    inputs can never restore to the same file.
+    """
+    stem = relpath[: -len(container.SUFFIX)] if relpath.endswith(container.SUFFIX) else relpath
+    head, dot, _codec_ext = stem.rpartition(".")
+    original = head if dot and "/" not in _codec_ext else stem
+    return original if original.lower().endswith(".png") else original + ".png"
+
+
+@dataclass
+class DecompressConfig:
+    output: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    codec_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per codec name
+
+
+class Decompressor:
+    schema = DECOMPRESS_SCHEMA
+
+    def __init__(self, config: DecompressConfig):
+        self.config = config
+        self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
+        self._codecs: dict[str, Codec] = {}
+
+    def codec_for(self, header: container.Header) -> Codec:
+        if header.codec not in self._codecs:
+            try:
+                self._codecs[header.codec] = get_codec(header.codec, **self.config.codec_options.get(header.codec, {}))
+            except KeyError as e:
+                raise ItemError("decode", f"unknown codec {header.codec!r} in container ({e.args[0]})") from None
+        codec = self._codecs[header.codec]
+        if header.weights_sha256 != codec.weights_sha256:
+            raise ItemError("decode", f"container was written with {header.codec} weights "
+                                      f"{header.weights_sha256.hex()[:16] or '(none)'}…, loaded weights are "
+                                      f"{codec.weights_sha256.hex()[:16] or '(none)'}…")
+        return codec
+
+    def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
+        row = empty_row(DECOMPRESS_SCHEMA)
+        row.update(input_uri=redact(item.uri), attempt=attempt, shard=shard)
+        stage = "plan"
+        try:
+            if item.error:
+                raise ItemError("plan", item.error)
+            try:
+                out_path = safe_join(self.out_root, restored_relpath(item.relpath))
+            except ValueError as e:
+                raise ItemError("plan", str(e)) from None
+            row["output_uri"] = redact(full_url(self.out_fs, out_path))
+            stage = "read"
+            in_fs, in_path = open_fs(item.uri, self.config.storage_options)
+            data = read_bytes(in_fs, in_path)
+            row["input_bytes"] = len(data)
+            stage = "decode"
+            t0 = time.perf_counter()
+            try:
+                header, payload = container.unpack(data)
+            except container.ContainerError as e:
+                raise ItemError("decode", str(e)) from None
+            codec = self.codec_for(header)
+            row["codec"] = header.codec
+            pixels = codec.decode(payload, header.width, header.height, header.value)
+            row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
+            stage = "write"
+            buf = io.BytesIO()
+            Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=3)
+            atomic_write(self.out_fs, out_path, buf.getvalue())
+            row.update(status="ok", width=header.width, height=header.height, output_bytes=buf.tell())
+        except ItemError as e:
+            row.update(status="error", error=redact(str(e)))
+        except Exception as e:
+            row.update(status="error", error=redact(f"{stage}: {type(e).__name__}: {e}"))
+        return row

@@ -1,0 +1,21 @@
+"""The unit of work that travels from the planner to the workers: small, picklable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ratefit.codecs.rate import Target
+
+
+@dataclass(frozen=True)
+class Item:
+    uri: str                      # where to read the input (fsspec URL or local path)
+    relpath: str                  # path under OUTPUT that the result mirrors
+    target: Target | None = None  # per-item target from a listing; None = the job's default
+    error: str | None = None      # a planning problem (e.g. a path escaping OUTPUT): becomes an error row
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    items: tuple[Item, ...] = field(default_factory=tuple)

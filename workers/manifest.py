@@ -1,0 +1,106 @@
+"""Manifest parts: one Parquet file per shard under ``OUTPUT/_manifest/``.
+
+A part is written only after every bitstream of its shard, so it doubles as the shard's
+commit marker: resume skips shards whose part exists, and no row ever points at a
+bitstream that was not fully written. Any Arrow tool reads ``_manifest/`` as one dataset.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ratefit.workers.storage import atomic_write
+
+MANIFEST_DIR = "_manifest"
+STATUSES = ("ok", "error", "unreachable", "skipped")
+
+COMPRESS_SCHEMA = pa.schema([
+    ("input_uri", pa.string()),
+    ("output_uri", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("input_bytes", pa.int64()),
+    ("output_bytes", pa.int64()),
+    ("bpp", pa.float64()),
+    ("target_kind", pa.string()),
+    ("target_value", pa.float64()),
+    ("psnr", pa.float64()),
+    ("ms_ssim", pa.float64()),
+    ("codec", pa.string()),
+    ("rate_param", pa.float64()),
+    ("encode_ms", pa.float64()),
+    ("attempt", pa.int32()),
+    ("encodes", pa.int32()),
+    ("original_mode", pa.string()),
+    ("shard", pa.int32()),
+])
+
+DECOMPRESS_SCHEMA = pa.schema([
+    ("input_uri", pa.string()),
+    ("output_uri", pa.string()),
+    ("status", pa.string()),
+    ("error", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("input_bytes", pa.int64()),
+    ("output_bytes", pa.int64()),
+    ("codec", pa.string()),
+    ("decode_ms", pa.float64()),
+    ("attempt", pa.int32()),
+    ("shard", pa.int32()),
+])
+
+
+def part_name(shard_index: int) -> str:
+    return f"part-{shard_index:05d}.parquet"
+
+
+def empty_row(schema: pa.Schema) -> dict[str, Any]:
+    return {name: None for name in schema.names}
+
+
+def part_bytes(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> bytes:
+    table = pa.Table.from_pylist(list(rows), schema=schema)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def write_part(fs, manifest_root: str, shard_index: int, rows: list[dict[str, Any]], schema: pa.Schema) -> str:
+    path = f"{manifest_root}/{part_name(shard_index)}"
+    atomic_write(fs, path, part_bytes(rows, schema))
+    return path
+
+
+def existing_parts(fs, manifest_root: str) -> set[int]:
+    """Shard indices whose part is already committed (one listing call, not one per shard)."""
+    try:
+        names = fs.ls(manifest_root, detail=False)
+    except FileNotFoundError:
+        return set()
+    done = set()
+    for name in names:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.startswith("part-") and base.endswith(".parquet"):
+            try:
+                done.add(int(base[5:-8]))
+            except ValueError:
+                continue
+    return done
+
+
+def read_manifest(fs, manifest_root: str, columns: list[str] | None = None) -> pa.Table:
+    """All parts as one table (sorted by shard for a stable order)."""
+    import pyarrow.dataset as ds
+
+    paths = sorted(p for p in fs.ls(manifest_root, detail=False) if p.endswith(".parquet"))
+    if not paths:
+        return pa.table({})
+    dataset = ds.dataset(paths, format="parquet", filesystem=fs)
+    return dataset.to_table(columns=columns)

@@ -1,0 +1,112 @@
+"""Read and decode one input into 8-bit RGB, the form every codec takes.
+
+Policy, in one place (the README repeats it):
+* the pixel limit is checked from the header, before any pixel is decoded;
+* EXIF orientation is applied, so the output looks as viewers show the input;
+* grayscale, palette, CMYK and 16-bit images become 8-bit RGB (16-bit is scaled, not clipped);
+* alpha is composited onto white (what a viewer shows on a white page) and then dropped;
+* animated images (GIF, WebP, APNG) are compressed from their first frame.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+class ItemError(Exception):
+    """One item failed at one stage; becomes a manifest row, never a job failure."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(f"{stage}: {message}")
+        self.stage = stage
+        self.message = message
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray   # uint8 HxWx3
+    original_mode: str
+    frames: int = 1
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.size and arr.max() > 255):
+            arr = arr * (255.0 / 65535.0)
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in _ALPHA_MODES:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.ascontiguousarray(np.asarray(im.convert("RGB"), dtype=np.uint8))
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode image bytes under the pixel limit; raises ItemError naming what was wrong."""
+    if len(data) == 0:
+        raise ItemError("decode", "file is empty (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ItemError("decode", f"not a recognised image format ({len(data)} bytes, starts {data[:8]!r})") from None
+        except Image.DecompressionBombError as e:
+            raise ItemError("decode", f"refused before decoding: {e}") from None
+        except Exception as e:
+            raise ItemError("decode", f"unreadable image header: {type(e).__name__}: {e}") from None
+        with im:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise ItemError("decode", f"image header claims an empty size {w}x{h}")
+            if w * h > max_pixels:
+                raise ItemError("decode", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                          f"(refused before decoding; raise --max-pixels to allow it)")
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            mode = im.mode
+            try:
+                im.seek(0)
+                im.load()
+            except Exception as e:
+                raise ItemError("decode", f"{im.format or 'image'} data is corrupt or truncated: {e}") from None
+            try:
+                oriented = ImageOps.exif_transpose(im)
+            except Exception:
+                oriented = im   # a broken EXIF block must not lose an otherwise good image
+            try:
+                pixels = _to_rgb8(oriented)
+            except Exception as e:
+                raise ItemError("decode", f"cannot convert {mode} to RGB: {e}") from None
+    return DecodedImage(pixels=pixels, original_mode=mode, frames=frames)
+
+
+def read_bytes(fs, path: str) -> bytes:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise ItemError("read", f"not found: {path}") from None
+    except Exception as e:
+        raise ItemError("read", f"{type(e).__name__}: {e}") from None
