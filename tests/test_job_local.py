@@ -1,0 +1,184 @@
+"""End-to-end jobs on a real embedded Ray over local folders: outputs, manifest, resume,
+bad inputs, listing files, decompress round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ratefit.codecs.metrics import psnr
+from ratefit.jobs import decompress, recompress
+from ratefit.jobs.runner import JobError
+from ratefit.jobs.spec import JobSpec
+from ratefit.workers.manifest import COMPRESS_SCHEMA
+from ratefit.workers.read import decode_image
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def manifest(out: Path) -> pa.Table:
+    return ds.dataset(str(out / "_manifest"), format="parquet").to_table()
+
+
+def rows_by_name(table: pa.Table) -> dict[str, dict]:
+    return {Path(r["input_uri"]).name: r for r in table.to_pylist()}
+
+
+@pytest.fixture()
+def messy_dir(photo_dir: Path) -> Path:
+    """The photo tree plus inputs that must become error rows without stopping the job."""
+    (photo_dir / "empty.png").write_bytes(b"")
+    (photo_dir / "not-an-image.jpg").write_bytes(b"this is plain text, not a JPEG\n" * 10)
+    good = (photo_dir / "chelsea.png").read_bytes()
+    (photo_dir / "truncated.png").write_bytes(good[: len(good) // 3])
+    Image.open(photo_dir / "chelsea.png").convert("L").save(photo_dir / "gray.png")
+    Image.new("RGBA", (200, 200), (255, 0, 0, 0)).save(photo_dir / "transparent.png")
+    (photo_dir / "notes.txt").write_text("ignored: not an image extension")
+    return photo_dir
+
+
+def test_compress_folder_writes_bitstreams_manifest_and_success(messy_dir, tmp_path):
+    out = tmp_path / "out"
+    spec = JobSpec(input=str(messy_dir), output=str(out), codec="webp", target_bpp=0.5, shard_size=2)
+    summary = recompress.run(spec)
+
+    table = manifest(out)
+    assert table.schema.equals(COMPRESS_SCHEMA)
+    rows = rows_by_name(table)
+    assert set(rows) == {"chelsea.png", "rocket launch.jpg", "café.png", "empty.png", "not-an-image.jpg",
+                         "truncated.png", "gray.png", "transparent.png"}
+    for name in ("chelsea.png", "rocket launch.jpg", "café.png", "gray.png"):
+        r = rows[name]
+        assert r["status"] == "ok", r
+        assert r["bpp"] <= 0.5 and r["bpp"] > 0.3
+        out_file = Path(r["output_uri"])
+        assert out_file.exists() and out_file.stat().st_size == r["output_bytes"]
+        assert out_file.name.endswith(".webp.rfic")
+        assert r["output_bytes"] * 8 / (r["width"] * r["height"]) == pytest.approx(r["bpp"])
+        assert 20 < r["psnr"] < 60 and 0.8 < r["ms_ssim"] <= 1.0
+        assert r["codec"] == "webp" and r["target_kind"] == "bpp" and r["target_value"] == 0.5
+        assert r["encodes"] >= 1 and r["attempt"] == 1
+    assert (out / "sub dir" / "ünï" / "café.png.webp.rfic").exists()
+    assert rows["empty.png"]["status"] == "error" and "empty" in rows["empty.png"]["error"]
+    assert rows["not-an-image.jpg"]["status"] == "error" and "not a recognised image" in rows["not-an-image.jpg"]["error"]
+    assert rows["truncated.png"]["status"] == "error" and "truncated" in rows["truncated.png"]["error"]
+    assert rows["gray.png"]["original_mode"] == "L"
+    assert rows["transparent.png"]["status"] in ("ok", "unreachable")
+    assert rows["transparent.png"]["original_mode"] == "RGBA"
+
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success == summary
+    assert success["items"] == 8 and success["statuses"]["error"] == 3
+    assert success["shards"] == 4 and success["resumed_shards"] == 0
+    assert success["output_bytes"] == sum(r["output_bytes"] or 0 for r in rows.values())
+    assert success["spec"]["codec"] == "webp"
+
+
+def test_rerun_resumes_without_duplicates_and_overwrite_starts_over(photo_dir, tmp_path):
+    out = tmp_path / "out"
+    spec = JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=20000, shard_size=1)
+    first = recompress.run(spec)
+    parts_before = {p.name: p.stat().st_mtime_ns for p in (out / "_manifest").iterdir()}
+
+    second = recompress.run(spec)
+    assert second["resumed_shards"] == first["shards"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "_manifest").iterdir()} == parts_before
+    uris = manifest(out).column("input_uri").to_pylist()
+    assert len(uris) == len(set(uris)) == 3
+
+    # A lost part (as after a crash) is redone, and only that one.
+    (out / "_manifest" / "part-00001.parquet").unlink()
+    third = recompress.run(spec)
+    assert third["resumed_shards"] == 2
+    assert len(manifest(out)) == 3
+
+    with pytest.raises(JobError, match="different compress job"):
+        recompress.run(JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=10000, shard_size=1))
+    redo = recompress.run(JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=10000,
+                                  shard_size=1, overwrite=True))
+    assert redo["resumed_shards"] == 0
+    assert max(manifest(out).column("output_bytes").to_pylist()) <= 10000
+
+
+def test_changed_input_is_detected_on_resume(photo_dir, tmp_path):
+    out = tmp_path / "out"
+    spec = JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bpp=1.0, shard_size=2)
+    recompress.run(spec)
+    shutil.copy(photo_dir / "chelsea.png", photo_dir / "a-new-first-file.png")
+    with pytest.raises(JobError, match="input changed"):
+        recompress.run(spec)
+
+
+def test_decompress_restores_pngs_whose_psnr_matches_the_manifest(photo_dir, tmp_path):
+    comp, rest = tmp_path / "comp", tmp_path / "rest"
+    recompress.run(JobSpec(input=str(photo_dir), output=str(comp), codec="avif", target_bpp=0.3, shard_size=2))
+    summary = decompress.run(JobSpec(input=str(comp), output=str(rest), kind="decompress"))
+    assert summary["statuses"] == {"ok": 3}
+    restored = {
+        "chelsea.png": rest / "chelsea.png",
+        "rocket launch.jpg": rest / "sub dir" / "rocket launch.jpg.png",
+        "café.png": rest / "sub dir" / "ünï" / "café.png",
+    }
+    for name, row in rows_by_name(manifest(comp)).items():
+        original = decode_image(Path(row["input_uri"]).read_bytes()).pixels
+        back = np.asarray(Image.open(restored[name]).convert("RGB"))
+        assert back.shape == original.shape
+        assert psnr(original, back) == pytest.approx(row["psnr"], abs=1e-9)
+
+
+def test_decompress_reports_corrupt_and_foreign_containers(photo_dir, tmp_path):
+    comp, rest = tmp_path / "comp", tmp_path / "rest"
+    recompress.run(JobSpec(input=str(photo_dir), output=str(comp), codec="jpeg", target_bpp=0.5))
+    victim = comp / "chelsea.png.jpg.rfic"
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (comp / "junk.rfic").write_bytes(b"RFIC but not really")
+    summary = decompress.run(JobSpec(input=str(comp), output=str(rest), kind="decompress"))
+    assert summary["statuses"] == {"ok": 2, "error": 2}
+    errors = {Path(r["input_uri"]).name: r["error"] for r in manifest(rest).to_pylist() if r["status"] == "error"}
+    assert "checksum" in errors["chelsea.png.jpg.rfic"]
+    assert "junk.rfic" in errors
+
+
+def test_listing_file_with_per_item_targets(photo_dir, tmp_path):
+    listing = photo_dir / "listing.parquet"
+    pq.write_table(pa.table({
+        "uri": ["chelsea.png", "sub dir/rocket launch.jpg", "sub dir/ünï/café.png", "../escape.png", "missing.png"],
+        "target_bpp": [0.25, None, None, None, None],
+        "target_bytes": [None, 9000.0, None, None, None],
+        "target_psnr": [None, None, 33.0, None, None],
+    }), listing)
+    out = tmp_path / "out"
+    summary = recompress.run(JobSpec(input=str(listing), output=str(out), codec="jpeg", target_bpp=1.0))
+    assert summary["items"] == 5
+    rows = {r["input_uri"].rsplit("/", 1)[-1]: r for r in manifest(out).to_pylist()}
+    assert rows["chelsea.png"]["target_kind"] == "bpp" and rows["chelsea.png"]["bpp"] <= 0.25
+    assert rows["rocket launch.jpg"]["target_kind"] == "bytes" and rows["rocket launch.jpg"]["output_bytes"] <= 9000
+    cafe = rows["café.png"]
+    assert cafe["target_kind"] == "psnr" and cafe["psnr"] >= 33.0
+    assert rows["escape.png"]["status"] == "error" and "escape" in rows["escape.png"]["error"]
+    assert rows["missing.png"]["status"] == "error" and "not found" in rows["missing.png"]["error"]
+    assert rows["missing.png"]["target_value"] == 1.0   # the job-wide default applies
+    assert not (tmp_path / "escape.png.jpg.rfic").exists()
+
+
+def test_csv_listing_and_unreachable_target(photo_dir, tmp_path):
+    listing = tmp_path / "items.csv"
+    pacsv.write_csv(pa.table({"uri": [str(photo_dir / "chelsea.png")], "target_bpp": [0.01]}), listing)
+    out = tmp_path / "out"
+    summary = recompress.run(JobSpec(input=str(listing), output=str(out), codec="jpeg"))
+    row = manifest(out).to_pylist()[0]
+    assert summary["statuses"] == {"unreachable": 1}
+    assert row["status"] == "unreachable" and "lowest quality" in row["error"]
+    assert Path(row["output_uri"]).exists()   # the nearest result is still written
+    assert row["rate_param"] == 0.0
