@@ -20,6 +20,20 @@ def quiet_ray_environment() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
+def loopback_only() -> None:
+    """Keep an embedded, single-machine Ray on 127.0.0.1.
+
+    Ray replaces a 127.0.0.1 node address by the machine's routable address unless
+    multi-node support is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``); an embedded Ray
+    never has other nodes, so it turns it off. The variable is read when Ray is imported,
+    so the already-imported constant is set too; child processes inherit the variable.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray._private.ray_constants as ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect(address: str | None = None, *, num_cpus: int | None = None,
             runtime_env: dict[str, Any] | None = None) -> bool:
     """Make sure this process is connected to Ray; return True if this call started it.
@@ -38,7 +52,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
+        loopback_only()
+        # address="local" always starts a fresh Ray here rather than joining a `ray start`
+        # cluster found on this machine: joining one is what --address is for.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
     return True
 
 

@@ -1,0 +1,86 @@
+"""The cluster path for real: `ray start --head` on 127.0.0.1, then `ray job submit` of the
+recompress entrypoint with a YAML spec, exactly as the README shows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head():
+    bin_dir = Path(sys.executable).parent
+    gcs_port, dash_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")   # keeps its ray_current_cluster apart
+    # A single-machine cluster on loopback: see ratefit.cluster.connect.loopback_only.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "token"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
+         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if head.poll() is not None:
+                pytest.fail(f"ray start exited early:\n{head.stdout.read().decode(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the Ray dashboard (job server) did not come up in 120 s")
+            try:
+                urllib.request.urlopen(f"{url}/api/version", timeout=2).close()
+                break
+            except urllib.error.HTTPError:
+                break   # it answers (401 until a token is sent): it is up
+            except OSError:
+                time.sleep(1)
+        yield url, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(10)
+
+
+def test_ray_job_submit_runs_the_recompress_entrypoint(ray_head, photo_dir, tmp_path):
+    url, env = ray_head
+    out = tmp_path / "out"
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"input": str(photo_dir), "output": str(out), "codec": "jpeg",
+                                    "target_bpp": 0.6, "shard_size": 1}))
+    ray = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.run(
+        [ray, "job", "submit", "--address", url, "--", sys.executable, "-m", "ratefit.jobs.recompress",
+         "--spec", str(spec)],
+        env=env, capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log.lower()
+    assert "3 items: 3 ok" in log
+    summary = json.loads((out / "_SUCCESS").read_text())
+    assert summary["statuses"] == {"ok": 3} and summary["shards"] == 3
+    rows = pq.read_table(str(out / "_manifest")).to_pylist()
+    assert len(rows) == 3 and all(r["bpp"] <= 0.6 for r in rows)
