@@ -62,7 +62,7 @@ def header_size(codec: str, weights_sha256: bytes = b"", mode: str = "RGB") -> i
         + 1 + len(codec.encode("utf-8"))
         + 1 + len(weights_sha256)
         + _MIDDLE.size
-        + 1 + len(mode.encode("ascii"))
+        + 1 + len(mode.encode("ascii", "replace"))
         + _TAIL.size
     )
 

@@ -17,6 +17,7 @@ ceiling. The search assumes rate and quality grow monotonically with the control
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,8 +40,10 @@ class Target:
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
             raise ValueError(f"target kind must be one of {TARGET_KINDS}, got {self.kind!r}")
-        if not (isinstance(self.value, (int, float)) and math.isfinite(self.value) and self.value > 0):
+        if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real) \
+                or not math.isfinite(self.value) or self.value <= 0:
             raise ValueError(f"target {self.kind} must be a positive finite number, got {self.value!r}")
+        object.__setattr__(self, "value", float(self.value))
 
     def max_bytes(self, pixels: int) -> int | None:
         """The stored-size ceiling for an image of ``pixels`` pixels, or None for a quality target."""
@@ -236,19 +239,25 @@ def _continuous_rate(codec: Codec, probe: _Probe, budget: int) -> Outcome:
     if not has_estimate:
         u, _ = _solve_below(real_bytes, budget, RATE_TOLERANCE)
     else:
-        aim = float(budget)
-        u = 0.0
+        # Solve on the estimate, encode for real, and re-aim the estimate by the ratio it
+        # missed by (either way) until the real size lands in [budget*(1-tol), budget].
+        aim, best = float(budget), None
         for _ in range(MAX_CORRECTIONS):
             u, _ = _solve_below(lambda x: probe.estimate_bits(_value_of(codec, x)) / 8.0, aim, RATE_TOLERANCE)
             real = real_bytes(u)
-            if real <= budget or u == 0.0:
+            if real <= budget and (best is None or real > real_bytes(best)):
+                best = u
+            if budget * (1.0 - RATE_TOLERANCE) <= real <= budget:
                 break
-            aim *= budget / real * (1.0 - RATE_TOLERANCE)   # the estimate ran low: aim lower
-        if real_bytes(u) > budget and u > 0.0:
+            if (u == 0.0 and real > budget) or (u == 1.0 and real <= budget):
+                break   # the codec's range ends here
+            aim *= budget / max(real, 1.0) * (1.0 - RATE_TOLERANCE / 2)
+        if best is None and u > 0.0:
             # The estimate kept running low: finish with real encodes below the last try.
             top = u
             x, _ = _solve_below(lambda x: real_bytes(x * top), budget, RATE_TOLERANCE)
-            u = x * top
+            best = x * top
+        u = best if best is not None else 0.0
     v = _value_of(codec, u)
     size = probe.size(v)
     if size > budget:

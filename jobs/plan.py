@@ -86,6 +86,7 @@ def iter_folder(input_url: str, extensions: Iterable[str], storage_options: dict
 # ------------------------------------------------------------------------ listing files
 
 def _listing_batches(url: str, storage_options: dict[str, Any] | None) -> Iterator[dict[str, list]]:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -101,7 +102,9 @@ def _listing_batches(url: str, storage_options: dict[str, Any] | None) -> Iterat
         else:
             reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20),
                                     convert_options=pacsv.ConvertOptions(
-                                        column_types={"uri": "string"}, strings_can_be_null=True))
+                                        column_types={"uri": pa.string(), **{f"target_{k}": pa.float64()
+                                                                             for k in TARGET_KINDS}},
+                                        strings_can_be_null=True))
             names = set(reader.schema.names)
             if "uri" not in names:
                 raise PlanError(f"listing {url} has no 'uri' column (columns: {', '.join(sorted(names))})")
@@ -158,6 +161,8 @@ def iter_listing(url: str, storage_options: dict[str, Any] | None = None) -> Ite
                 yield _row_item(uri, targets, base_fs, base_dir, row_no)
     except FileNotFoundError:
         raise PlanError(f"listing file not found: {url}") from None
+    except (ValueError, OSError) as e:   # pyarrow.ArrowInvalid is a ValueError
+        raise PlanError(f"listing {url} cannot be read (after {row_no} rows): {e}") from None
 
 
 # ------------------------------------------------------------------------------ shards

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,10 +85,17 @@ class JobSpec:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SpecError(f"{k}: must be a positive integer, got {v!r}")
-        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+        if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
+                                         or self.workers < 1):
             raise SpecError(f"workers: must be a positive integer, got {self.workers!r}")
-        if self.gpus_per_worker is not None and not (0 <= float(self.gpus_per_worker) <= 8):
-            raise SpecError(f"gpus_per_worker: must be within 0..8, got {self.gpus_per_worker!r}")
+        if self.gpus_per_worker is not None:
+            try:
+                gpus = float(self.gpus_per_worker)
+            except (TypeError, ValueError):
+                gpus = math.nan
+            if isinstance(self.gpus_per_worker, bool) or not (0 <= gpus <= 8):
+                raise SpecError(f"gpus_per_worker: must be a number within 0..8, got {self.gpus_per_worker!r}")
+            self.gpus_per_worker = gpus
         if not isinstance(self.storage_options, dict) or not isinstance(self.codec_options, dict):
             raise SpecError("storage_options and codec_options must be mappings")
         if self.kind == "compress":
@@ -118,7 +126,9 @@ class JobSpec:
         return d
 
     def spec_hash(self) -> str:
-        d = self.to_dict(redacted=True)
+        # Unredacted: two specs differing only in a secret-looking codec option are different
+        # jobs. The hash is one-way, so nothing secret can be read back from it.
+        d = self.to_dict(redacted=False)
         payload = json.dumps({k: d[k] for k in _HASHED}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
 

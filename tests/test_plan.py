@@ -246,16 +246,12 @@ def test_iter_listing_missing_file(tmp_path, suffix):
         list(iter_listing(str(tmp_path / f"nope{suffix}")))
 
 
-@pytest.mark.xfail(reason="BUG: an empty CSV listing raises pyarrow.ArrowInvalid ('Empty CSV file') "
-                          "instead of PlanError", strict=True)
 def test_iter_listing_empty_csv_is_a_plan_error(tmp_path):
     (tmp_path / "l.csv").write_text("", encoding="utf-8")
     with pytest.raises(PlanError):
         list(iter_listing(str(tmp_path / "l.csv")))
 
 
-@pytest.mark.xfail(reason="BUG: a corrupt .parquet listing raises pyarrow.ArrowInvalid instead of PlanError",
-                   strict=True)
 def test_iter_listing_corrupt_parquet_is_a_plan_error(tmp_path):
     (tmp_path / "l.parquet").write_bytes(b"this is not parquet")
     with pytest.raises(PlanError):
@@ -271,9 +267,6 @@ def _big_csv(path: Path, rows: int, first: str, late: str) -> None:
     assert path.stat().st_size > (1 << 20) + 4096
 
 
-@pytest.mark.xfail(reason="BUG: the CSV listing reader infers target_* column types from the first 1 MiB block "
-                          "only; a later '0.5' in a column that began empty (null) or integral (int64) raises "
-                          "pyarrow.ArrowInvalid 'CSV conversion error' instead of being read", strict=True)
 @pytest.mark.parametrize("first,late", [("", "0.5"), ("1", "0.5")], ids=["null-then-float", "int-then-float"])
 def test_iter_listing_large_csv_with_late_target_values(tmp_path, first, late):
     path = tmp_path / "big.csv"

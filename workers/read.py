@@ -68,6 +68,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
     """Decode image bytes under the pixel limit; raises ItemError naming what was wrong."""
     if len(data) == 0:
         raise ItemError("decode", "file is empty (0 bytes)")
+    # ratefit applies its own limit (max_pixels) from the header, with a message that says
+    # how to raise it; Pillow's fixed bomb check would refuse first with other numbers.
+    Image.MAX_IMAGE_PIXELS = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:

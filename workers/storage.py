@@ -13,7 +13,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 _SECRET_KEYS = re.compile(r"(secret|password|token|key|credential|session)", re.I)
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]*@")
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|key)=)[^&\s]+")
 
 
@@ -79,6 +79,8 @@ def redact_options(options: dict[str, Any] | None) -> dict[str, Any]:
             out[k] = redact_options(v)
         elif _SECRET_KEYS.search(k) and k not in ("endpoint_url",):
             out[k] = "***"
+        elif isinstance(v, str):
+            out[k] = redact(v)
         else:
             out[k] = v
     return out
