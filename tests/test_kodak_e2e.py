@@ -1,0 +1,64 @@
+"""The issue's acceptance run: Kodak from S3 to S3 and back, avif and webp at 0.25, 0.5 and
+1.0 bpp. Every row ok, every bpp at most its target, the median within 5% of it, and the
+manifest's PSNR equal to the PSNR of the restored PNG."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import uuid
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ratefit.codecs.metrics import psnr
+from ratefit.jobs import decompress, recompress
+from ratefit.jobs.spec import JobSpec
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
+
+
+@pytest.fixture(scope="module")
+def kodak_on_s3(kodak_dir, s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)
+    bucket = f"kodak-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    originals = {}
+    for f in sorted(kodak_dir.glob("kodim*.png")):
+        fs.pipe_file(f"{bucket}/kodak/{f.name}", f.read_bytes())
+        originals[f"s3://{bucket}/kodak/{f.name}"] = np.asarray(Image.open(f).convert("RGB"))
+    return fs, bucket, originals
+
+
+@pytest.mark.parametrize("codec", ["avif", "webp"])
+def test_kodak_s3_round_trip_meets_targets(kodak_on_s3, s3_server, codec):
+    fs, bucket, originals = kodak_on_s3
+    opts = s3_server.storage_options
+    for target in (0.25, 0.5, 1.0):
+        out = f"s3://{bucket}/{codec}-{target}"
+        summary = recompress.run(JobSpec(input=f"s3://{bucket}/kodak", output=out, codec=codec, target_bpp=target,
+                                         shard_size=3, ms_ssim=False, storage_options=opts))
+        assert summary["statuses"] == {"ok": 24}, summary
+        rows = []
+        for path in sorted(fs.glob(f"{bucket}/{codec}-{target}/_manifest/*.parquet")):
+            rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+        assert sorted(r["input_uri"] for r in rows) == sorted(originals)
+        bpps = [r["bpp"] for r in rows]
+        assert max(bpps) <= target, (codec, target, max(bpps))
+        median = statistics.median(bpps)
+        assert median >= 0.95 * target, (codec, target, median)
+        print(f"{codec} target {target}: median {median:.4f} bpp ({median / target:.1%}), "
+              f"mean PSNR {statistics.mean(r['psnr'] for r in rows):.2f} dB")
+
+        restored = f"s3://{bucket}/{codec}-{target}-restored"
+        dsummary = decompress.run(JobSpec(input=out, output=restored, kind="decompress", shard_size=4,
+                                          storage_options=opts))
+        assert dsummary["statuses"] == {"ok": 24}
+        for r in rows:
+            name = r["input_uri"].rsplit("/", 1)[-1]
+            back = np.asarray(Image.open(io.BytesIO(fs.cat_file(f"{bucket}/{codec}-{target}-restored/{name}"))))
+            assert psnr(originals[r["input_uri"]], back) == pytest.approx(r["psnr"], abs=1e-9), name
