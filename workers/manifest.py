@@ -18,7 +18,8 @@ from ratefit.workers.storage import atomic_write
 MANIFEST_DIR = "_manifest"
 STATUSES = ("ok", "error", "unreachable", "skipped")
 
-COMPRESS_SCHEMA = pa.schema([
+# Columns both jobs share, in this order, so one query can read either manifest.
+_COMMON = [
     ("input_uri", pa.string()),
     ("output_uri", pa.string()),
     ("status", pa.string()),
@@ -26,7 +27,10 @@ COMPRESS_SCHEMA = pa.schema([
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("input_bytes", pa.int64()),
-    ("output_bytes", pa.int64()),
+    ("output_bytes", pa.int64()),   # the stored file, container header included
+]
+
+COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("bpp", pa.float64()),
     ("target_kind", pa.string()),
     ("target_value", pa.float64()),
@@ -41,15 +45,7 @@ COMPRESS_SCHEMA = pa.schema([
     ("shard", pa.int32()),
 ])
 
-DECOMPRESS_SCHEMA = pa.schema([
-    ("input_uri", pa.string()),
-    ("output_uri", pa.string()),
-    ("status", pa.string()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("input_bytes", pa.int64()),
-    ("output_bytes", pa.int64()),
+DECOMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("codec", pa.string()),
     ("decode_ms", pa.float64()),
     ("attempt", pa.int32()),
