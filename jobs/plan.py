@@ -39,7 +39,10 @@ def _walk_local(root: str, skip: str | None) -> Iterator[str]:
 
 
 def _walk_s3(fs, root: str) -> Iterator[str]:
-    """Page through an S3 prefix without materialising the whole listing."""
+    """Page through an S3 prefix without materialising the whole listing.
+
+    Uses s3fs's paged ``_iterdir`` (its ``find`` would build the full list first).
+    """
     from fsspec.asyn import sync
 
     bucket, key, _ = fs.split_path(root)
@@ -60,7 +63,7 @@ def walk_files(fs, root: str, skip: str | None = None) -> Iterator[str]:
         if not os.path.isdir(root):
             raise PlanError(f"input folder not found: {root}")
         yield from _walk_local(root, skip)
-    elif "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    elif hasattr(fs, "_iterdir") and "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         yield from _walk_s3(fs, root)
     else:
         yield from sorted(fs.find(root))

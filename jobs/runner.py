@@ -74,6 +74,7 @@ class RunState:
 def _prepare_output(spec: JobSpec, fs, root: str) -> None:
     record_path = f"{root}/{JOB_RECORD}"
     manifest = f"{root}/{MANIFEST_DIR}"
+    fs.invalidate_cache(root)
     if spec.overwrite:
         for path in (manifest, f"{root}/{SUCCESS}", record_path):
             if fs.exists(path):
@@ -107,7 +108,7 @@ def run_shards(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schem
                codec_device: str = "cpu") -> dict[str, Any]:
     """Process ``shards`` on a pool of ShardWorker actors and finish the job."""
     import ray
-    from ray.exceptions import RayError
+    from ray.exceptions import RayActorError, RayError
 
     t_start = time.time()
     fs, root = open_fs(spec.output, spec.storage_options)
@@ -123,27 +124,31 @@ def run_shards(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schem
             gpus = 1.0 if codec_device == "cuda" and cluster_gpus() >= 1 else 0.0
         n_workers = spec.workers or (int(cluster_gpus() // gpus) if gpus > 0 else int(cluster_cpus()))
         n_workers = max(1, n_workers)
-        remote_cls = ray.remote(ShardWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
-                                                     max_task_retries=0)
+        # The driver restarts actors itself (a fresh one replaces a dead one), so it always
+        # knows which attempt a shard is on and never loses capacity.
+        remote_cls = ray.remote(ShardWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0)
         slots = [_Slot(remote_cls.remote(worker_config)) for _ in range(n_workers)]
         done = existing_parts(fs, manifest_root)
-        in_flight: dict[Any, tuple[_Slot, Shard, int]] = {}
+        in_flight: dict[Any, tuple[_Slot, Any, Shard, int]] = {}
 
         def submit(slot: _Slot, shard: Shard, attempt: int) -> None:
             ref = slot.actor.process.remote(shard, attempt)
             slot.busy += 1
-            in_flight[ref] = (slot, shard, attempt)
+            in_flight[ref] = (slot, slot.actor, shard, attempt)
 
         def collect_one() -> None:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             ref = ready[0]
-            slot, shard, attempt = in_flight.pop(ref)
+            slot, actor, shard, attempt = in_flight.pop(ref)
             slot.busy -= 1
             try:
                 summary = ray.get(ref)
                 progress.advance(summary["items"], summary["input_bytes"])
             except RayError as e:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if isinstance(e, RayActorError) and slot.actor is actor:
+                    log.warning("worker for shard %d died (%s); starting a new one", shard.index, reason)
+                    slot.actor = remote_cls.remote(worker_config)
                 if attempt < MAX_ATTEMPTS:
                     log.warning("shard %d attempt %d failed (%s); retrying", shard.index, attempt, reason)
                     state.retried_shards += 1

@@ -182,3 +182,41 @@ def test_csv_listing_and_unreachable_target(photo_dir, tmp_path):
     assert row["status"] == "unreachable" and "lowest quality" in row["error"]
     assert Path(row["output_uri"]).exists()   # the nearest result is still written
     assert row["rate_param"] == 0.0
+
+
+def test_a_killed_worker_process_is_replaced_and_its_shard_retried(samples_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(10):
+        shutil.copy(samples_dir / "coffee.png", src / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    result: dict = {}
+    spec = JobSpec(input=str(src), output=str(out), codec="avif", target_bpp=0.6, shard_size=1, workers=2,
+                   ms_ssim=False)
+    job = threading.Thread(target=lambda: result.setdefault("summary", recompress.run(spec)))
+    job.start()
+    killed = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and killed is None and job.is_alive():
+        if (out / "_manifest").exists() and list((out / "_manifest").glob("part-*.parquet")):
+            pids = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
+            if pids:
+                killed = int(pids[0])
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    job.join(300)
+    assert killed is not None, "no worker process was found to kill"
+    summary = result["summary"]
+    assert summary["items"] == 10 and summary["statuses"] == {"ok": 10}
+    assert summary["retried_shards"] >= 1
+    rows = manifest(out).to_pylist()
+    assert sorted(Path(r["input_uri"]).name for r in rows) == [f"img{i:02d}.png" for i in range(10)]
+    assert any(r["attempt"] == 2 for r in rows)
+    for r in rows:
+        assert Path(r["output_uri"]).stat().st_size == r["output_bytes"]

@@ -29,7 +29,10 @@ def free_port() -> int:
 @pytest.fixture()
 def ray_head():
     bin_dir = Path(sys.executable).parent
-    gcs_port, dash_port = free_port(), free_port()
+    # Every port ray start would otherwise take at a fixed default (the dashboard agent's
+    # 52365, the client server's 10001) is chosen free, so an embedded Ray of another test
+    # in this session cannot collide with it.
+    gcs_port, dash_port, agent_port, client_port = free_port(), free_port(), free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")   # keeps its ray_current_cluster apart
     # A single-machine cluster on loopback: see ratefit.cluster.connect.loopback_only.
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -38,6 +41,7 @@ def ray_head():
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash_port}"
@@ -72,11 +76,16 @@ def test_ray_job_submit_runs_the_recompress_entrypoint(ray_head, photo_dir, tmp_
     spec.write_text(yaml.safe_dump({"input": str(photo_dir), "output": str(out), "codec": "jpeg",
                                     "target_bpp": 0.6, "shard_size": 1}))
     ray = str(Path(sys.executable).parent / "ray")
-    proc = subprocess.run(
-        [ray, "job", "submit", "--address", url, "--", sys.executable, "-m", "ratefit.jobs.recompress",
-         "--spec", str(spec)],
-        env=env, capture_output=True, text=True, timeout=400)
-    log = proc.stdout + proc.stderr
+    deadline = time.monotonic() + 90
+    while True:   # the job agent comes up a few seconds after the dashboard
+        proc = subprocess.run(
+            [ray, "job", "submit", "--address", url, "--", sys.executable, "-m", "ratefit.jobs.recompress",
+             "--spec", str(spec)],
+            env=env, capture_output=True, text=True, timeout=400)
+        log = proc.stdout + proc.stderr
+        if "No available agent" not in log or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log.lower()
     assert "3 items: 3 ok" in log

@@ -86,3 +86,20 @@ def test_listing_on_s3_reads_inputs_from_s3(s3_server, s3fs_client, bucket, samp
     assert 5000 < rows[f"s3://{bucket}/in/chelsea.png"]["output_bytes"] <= 6000
     assert 2000 < rows[f"s3://{bucket}/in/coffee.png"]["output_bytes"] <= 3000
     assert (out / "in" / "chelsea.png.jpg.rfic").exists() and (out / "in" / "coffee.png.jpg.rfic").exists()
+
+
+def test_resume_on_s3_sees_parts_written_by_workers(s3_server, s3fs_client, bucket, samples_dir):
+    """Re-runs in one driver process: the driver's S3 listing cache must not hide new parts."""
+    fs = s3fs_client
+    for name in ("chelsea.png", "coffee.png", "rocket.jpg"):
+        fs.pipe_file(f"{bucket}/in/{name}", (samples_dir / name).read_bytes())
+    spec = JobSpec(input=f"s3://{bucket}/in", output=f"s3://{bucket}/out", codec="jpeg", target_bpp=0.7,
+                   shard_size=1, ms_ssim=False, storage_options=s3_server.storage_options)
+    first = recompress.run(spec)
+    assert first["statuses"] == {"ok": 3} and first["resumed_shards"] == 0
+    fs.rm(f"{bucket}/out/_manifest/part-00002.parquet")
+    second = recompress.run(spec)
+    assert second["resumed_shards"] == 2 and second["statuses"] == {"ok": 3}
+    third = recompress.run(spec)
+    assert third["resumed_shards"] == 3
+    assert len(read_manifest(fs, f"{bucket}/out")) == 3

@@ -76,6 +76,7 @@ def write_part(fs, manifest_root: str, shard_index: int, rows: list[dict[str, An
 
 def existing_parts(fs, manifest_root: str) -> set[int]:
     """Shard indices whose part is already committed (one listing call, not one per shard)."""
+    fs.invalidate_cache(manifest_root)   # other processes (the workers) wrote parts since the last look
     try:
         names = fs.ls(manifest_root, detail=False)
     except FileNotFoundError:
@@ -89,14 +90,3 @@ def existing_parts(fs, manifest_root: str) -> set[int]:
             except ValueError:
                 continue
     return done
-
-
-def read_manifest(fs, manifest_root: str, columns: list[str] | None = None) -> pa.Table:
-    """All parts as one table (sorted by shard for a stable order)."""
-    import pyarrow.dataset as ds
-
-    paths = sorted(p for p in fs.ls(manifest_root, detail=False) if p.endswith(".parquet"))
-    if not paths:
-        return pa.table({})
-    dataset = ds.dataset(paths, format="parquet", filesystem=fs)
-    return dataset.to_table(columns=columns)
