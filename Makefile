@@ -11,10 +11,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-# torch is installed first at 2.13.0, of which these machines keep a CPU wheel (a bare `torch`
-# requirement would pull several GB of CUDA wheels); a venv that has torch keeps it.
+# torch and torchvision are installed first as a matched pair: CompressAI imports torchvision,
+# and PyPI's torchvision fails beside a CPU-only torch wheel (`torchvision::nms does not exist`).
+# These machines keep torch 2.14.1 / torchvision 0.29.1 on disk (a CUDA build that also runs on
+# the CPU, about 5.5 GB); a venv where both already import keeps what it has.
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==2.13.0"
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PIP) install --quiet $(TORCH_PAIR)
 	$(PIP) install --quiet -e ".[test]"
 	touch $(STAMP)
 

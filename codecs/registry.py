@@ -28,6 +28,7 @@ def _load_builtin_and_plugins() -> None:
     global _entry_points_loaded
     if _entry_points_loaded:
         return
+    import ratefit.codecs.gain_hyperprior  # noqa: F401  (registers gain-hyperprior)
     import ratefit.codecs.pillow  # noqa: F401  (registers jpeg, webp, avif)
 
     for ep in entry_points(group="ratefit.codecs"):

@@ -1,4 +1,4 @@
-"""The ``ratefit`` command line: compress, decompress, inspect, codecs, demo."""
+"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, demo."""
 
 from __future__ import annotations
 
@@ -58,7 +58,11 @@ def _codecs(args: argparse.Namespace) -> int:
 
     print(f"{'name':<12} {'control':<10} {'range':<12} {'kind':<11} {'device':<7} {'speed':<7} extension")
     for name in list_codecs():
-        c = get_codec(name)
+        try:
+            c = get_codec(name)
+        except Exception as e:  # e.g. a learned codec whose weights are not installed
+            print(f"{name:<12} unavailable: {e}")
+            continue
         ctl = c.control
         print(f"{name:<12} {ctl.name:<10} {f'{ctl.low:g}..{ctl.high:g}':<12} "
               f"{'discrete' if ctl.discrete else 'continuous':<11} {c.device:<7} {c.speed:<7} .{c.extension}")
@@ -66,7 +70,7 @@ def _codecs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ratefit.jobs import decompress, demo, recompress
+    from ratefit.jobs import decompress, demo, recompress, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     pi = sub.add_parser("inspect", help="print the header of .rfic files")
     pi.add_argument("files", nargs="+")
     sub.add_parser("codecs", help="list registered codecs")
+    pt = sub.add_parser("train", help="train the gain-hyperprior model on a folder of photos")
+    train.add_train_arguments(pt)
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
     pm.add_argument("output", nargs="?", default="demo-output")
     pm.add_argument("--target-bpp", type=float, default=0.5)
@@ -96,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "codecs":
         return _codecs(args)
+    if args.command == "train":
+        return train.run(args)
     if args.command == "demo":
         return run_guarded(lambda: demo.run_demo(args.output, args.target_bpp))
     return 2

@@ -38,7 +38,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
                             target=spec.default_target(), storage_options=spec.storage_options,
                             max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim)
     return run_shards(spec, shard(plan_items(spec), spec.shard_size), config, COMPRESS_SCHEMA,
-                      codec_device=getattr(codec, "device", "cpu"))
+                      codec_device=getattr(codec, "preferred_device", codec.device))
 
 
 def _json_arg(text: str) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""``gain-hyperprior``: ratefit's learned continuous-rate codec (see ``gained.py``).
+
+Rate-control value: the real rate level ``v`` in ``[0, levels - 1]`` (higher = more bits).
+``prepare`` runs the analysis transform once; ``estimate`` prices a level from the
+likelihoods alone (no entropy coding, no synthesis), so the target search costs one
+analysis, a handful of cheap hyperprior passes and usually one real rANS encode.
+
+Payload: ``u32 len(z string)`` + z string + y string (little endian). The image size and
+``v`` come from the container header, the weights' SHA-256 too, and decoding refuses other
+weights.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ratefit.codecs.base import CodecError, ControlRange
+from ratefit.codecs.gained import GainedHyperprior, ModelConfig, pad_to_multiple, z_shape_for
+from ratefit.codecs.registry import register
+from ratefit.codecs.weights import WeightsError, bundled_path, read_weights, weights_bytes
+
+NAME = "gain-hyperprior"
+BUNDLED_WEIGHTS = "gain-hyperprior.safetensors"
+_LEN = struct.Struct("<I")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CodecError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def load_model(url: str, device: torch.device, storage_options: dict[str, Any] | None = None) -> tuple[GainedHyperprior, bytes]:
+    tensors, config, sha = read_weights(url, storage_options)
+    model = GainedHyperprior(ModelConfig.from_dict(config))
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise WeightsError(f"{url}: weights do not fit the model they describe: {e}") from e
+    model.eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, sha
+
+
+_HALF_PREFIXES = ("g_a.", "g_s.", "h_a.")   # transforms whose precision does not touch the entropy coder
+
+
+def export_weights(model: GainedHyperprior, extra: dict[str, str] | None = None) -> bytes:
+    """Weights file bytes for ``model``: CDF tables rebuilt on CPU, analysis/synthesis in fp16.
+
+    ``h_s``, the entropy models and the gains stay float32: they decide the coder's
+    parameters, so they must be the same numbers on every machine that decodes.
+    """
+    model = model.to("cpu").eval()
+    model.update_tables()
+    state = {k: (v.half() if k.startswith(_HALF_PREFIXES) and v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    return weights_bytes(state, model.config.to_dict(), extra)
+
+
+@dataclass
+class Prepared:
+    y: torch.Tensor
+    width: int
+    height: int
+
+
+class GainHyperpriorCodec:
+    """One loaded model on one device; ``weights`` is any fsspec URL (default: the bundled file)."""
+
+    name = NAME
+    extension = "ghp.rfic"
+    speed = "fast"
+    preferred_device = "cuda"   # the runner asks for a GPU per actor when the cluster has one
+
+    def __init__(self, weights: str | None = None, device: str = "auto", threads: int | None = None,
+                 storage_options: dict[str, Any] | None = None):
+        url = weights or bundled_path(BUNDLED_WEIGHTS)
+        if url is None:
+            raise CodecError(f"{NAME}: no weights bundled with this install; pass "
+                             f"--codec-options '{{\"weights\": \"PATH\"}}' (train them with `ratefit train`)")
+        if threads:
+            torch.set_num_threads(int(threads))
+        self._device = resolve_device(device)
+        self.model, self.weights_sha256 = load_model(url, self._device, storage_options)
+        self.weights_url = url
+        self.control = ControlRange("level", 0.0, float(self.model.config.levels - 1), increasing=True)
+        self._lock = threading.Lock()   # the model's CDF tables and caches are shared state
+
+    @property
+    def device(self) -> str:
+        return self._device.type
+
+    def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise CodecError(f"{NAME} expects uint8 HxWx3, got {image.dtype} {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self._device)
+        return x.permute(2, 0, 1)[None].float().div_(255.0)
+
+    @torch.inference_mode()
+    def prepare(self, image: np.ndarray) -> Prepared:
+        h, w = image.shape[:2]
+        with self._lock:
+            y = self.model.analyse(pad_to_multiple(self._to_tensor(image)))
+        return Prepared(y=y, width=w, height=h)
+
+    @torch.inference_mode()
+    def estimate(self, prepared: Prepared, value: float) -> float:
+        with self._lock:
+            return self.model.estimate_bits(prepared.y, value) + 8 * _LEN.size
+
+    @torch.inference_mode()
+    def encode(self, prepared: Prepared, value: float) -> bytes:
+        with self._lock:
+            z, y = self.model.compress_latent(prepared.y, value)
+        return _LEN.pack(len(z)) + z + y
+
+    @torch.inference_mode()
+    def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
+        if len(payload) < _LEN.size:
+            raise CodecError(f"{NAME} payload of {len(payload)} bytes is too short")
+        (zlen,) = _LEN.unpack_from(payload)
+        if zlen > len(payload) - _LEN.size:
+            raise CodecError(f"{NAME} payload says its z string has {zlen} bytes, only "
+                             f"{len(payload) - _LEN.size} follow")
+        if not (self.control.low <= value <= self.control.high):
+            raise CodecError(f"{NAME} level {value!r} is outside {self.control.low:g}..{self.control.high:g}")
+        z = payload[_LEN.size:_LEN.size + zlen]
+        y = payload[_LEN.size + zlen:]
+        with self._lock:
+            try:
+                x_hat = self.model.decompress_latent(z, y, z_shape_for(height, width), value, self._device)
+            except (RuntimeError, ValueError) as e:
+                raise CodecError(f"{NAME} payload does not decode: {e}") from e
+        x_hat = x_hat[0, :, :height, :width]
+        return x_hat.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+register(NAME, GainHyperpriorCodec)

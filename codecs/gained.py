@@ -1,0 +1,221 @@
+"""The network behind ratefit's default codec: a mean-scale hyperprior with gain vectors.
+
+After Cui et al. (CVPR 2021, "Asymmetric Gained Deep Image Compression With Continuous Rate
+Adaptation"): the latent ``y`` is scaled per channel by a learned gain vector for each of
+``levels`` rate levels before quantisation and by an inverse gain before synthesis; the
+hyper-latent ``z`` has its own pair of gains. A real rate-control value ``v`` in
+``[0, levels - 1]`` interpolates neighbouring levels exponentially (linearly in log-gain),
+which gives continuous rate from one model. The hyperprior is Minnen et al.'s mean-scale
+one without the serial autoregressive context, so coding stays parallel.
+
+Transforms, GDN, the entropy bottleneck, the Gaussian conditional and the rANS coder are
+CompressAI's. What this module adds is the gains and a coding path that is safe across
+devices: everything that decides entropy-coding parameters (inverse hyper-gain, the
+hyper-synthesis ``h_s``, scales and means) runs in float64 at inference, because float32
+differences between a GPU and a CPU flip scale-table indexes about once per image, and a
+flipped index desynchronises the rANS decoder. The CDF tables are built once (on CPU, when
+the weights are exported) and shipped with the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.layers import GDN
+from compressai.models.base import CompressionModel, get_scale_table
+from compressai.models.utils import conv, deconv
+
+PAD_MULTIPLE = 64   # g_a downsamples by 16 and h_a by another 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What is needed to rebuild the network; stored in the weights file's metadata."""
+
+    N: int = 128                # channels of the transforms and of z
+    M: int = 192                # channels of y
+    lambdas: tuple[float, ...] = field(default_factory=lambda: tuple(
+        round(0.0012 * (0.16 / 0.0012) ** (i / 7), 6) for i in range(8)))   # MSE weight per level
+
+    @property
+    def levels(self) -> int:
+        return len(self.lambdas)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(N=int(d["N"]), M=int(d["M"]), lambdas=tuple(float(x) for x in d["lambdas"]))
+
+
+class GainedHyperprior(CompressionModel):
+    def __init__(self, config: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.config = config
+        N, M, L = config.N, config.M, config.levels
+        if L < 2:
+            raise ValueError("a gained model needs at least two rate levels")
+        self.g_a = nn.Sequential(conv(3, N), GDN(N), conv(N, N), GDN(N), conv(N, N), GDN(N), conv(N, M))
+        self.g_s = nn.Sequential(deconv(M, N), GDN(N, inverse=True), deconv(N, N), GDN(N, inverse=True),
+                                 deconv(N, N), GDN(N, inverse=True), deconv(N, 3))
+        self.h_a = nn.Sequential(conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
+                                 conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
+        self.h_s = nn.Sequential(deconv(N, M), nn.LeakyReLU(inplace=True), deconv(M, M * 3 // 2),
+                                 nn.LeakyReLU(inplace=True), conv(M * 3 // 2, M * 2, stride=1, kernel_size=3))
+        self.entropy_bottleneck = EntropyBottleneck(N)
+        self.gaussian_conditional = GaussianConditional(None)
+        # Log-gains: positive gains, and exponential interpolation becomes linear. Levels
+        # start a factor of ~1.5 apart in quantisation step so they separate from step one.
+        start = torch.linspace(-1.5, 1.5, L)[:, None]
+        self.log_gain = nn.Parameter(start.repeat(1, M))
+        self.log_inv_gain = nn.Parameter(-start.repeat(1, M))
+        self.log_hgain = nn.Parameter(torch.zeros(L, N))
+        self.log_inv_hgain = nn.Parameter(torch.zeros(L, N))
+        self._h_s64: nn.Module | None = None
+        self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ gains
+
+    @staticmethod
+    def _interpolate(table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Gains at (batched) real levels ``v``: log-linear between the two nearest levels."""
+        L = table.shape[0]
+        v = v.to(table.dtype).clamp(0, L - 1)
+        lo = v.floor().long().clamp(max=L - 2)
+        t = (v - lo.to(v.dtype))[:, None]
+        return torch.exp(table[lo] * (1 - t) + table[lo + 1] * t)[:, :, None, None]
+
+    def gains(self, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return {name: self._interpolate(getattr(self, f"log_{name}").to(dtype), v)
+                for name in ("gain", "inv_gain", "hgain", "inv_hgain")}
+
+    # --------------------------------------------------------------- training
+
+    def forward(self, x: torch.Tensor, levels: torch.Tensor) -> dict:
+        """Training/evaluation pass with one (real) level per batch item.
+
+        The likelihoods use additive noise (training) or rounding (eval); the synthesis sees
+        the rounded latent with a straight-through gradient, which trains the decoder on
+        what it will really receive.
+        """
+        g = self.gains(levels)
+        y = self.g_a(x)
+        y_g = y * g["gain"]
+        z_g = self.h_a(y_g) * g["hgain"]
+        z_hat_g, z_lik = self.entropy_bottleneck(z_g)
+        params = self.h_s(z_hat_g * g["inv_hgain"])
+        scales, means = params.chunk(2, 1)
+        _, y_lik = self.gaussian_conditional(y_g, scales, means=means)
+        y_hat_g = y_g + (torch.round(y_g - means) + means - y_g).detach()
+        x_hat = self.g_s(y_hat_g * g["inv_gain"])
+        return {"x_hat": x_hat, "likelihoods": {"y": y_lik, "z": z_lik}}
+
+    # -------------------------------------------------------------- inference
+
+    def h_s64(self) -> nn.Module:
+        """A float64 copy of the hyper-synthesis, made once after the weights are loaded."""
+        if self._h_s64 is None:
+            self._h_s64 = copy.deepcopy(self.h_s).double().eval()
+            for p in self._h_s64.parameters():
+                p.requires_grad_(False)
+        return self._h_s64
+
+    def invalidate_caches(self) -> None:
+        self._h_s64 = self._tables = None
+
+    def analyse(self, x: torch.Tensor) -> torch.Tensor:
+        """The rate-independent part of encoding (run once per image)."""
+        return self.g_a(x)
+
+    def _hyper(self, y: torch.Tensor, v: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        vv = torch.tensor([float(v)], device=y.device)
+        g = self.gains(vv)
+        y_g = y * g["gain"]
+        z_g = self.h_a(y_g) * g["hgain"]
+        return y_g, z_g, g
+
+    def _entropy_params(self, z_hat_g: torch.Tensor, v: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scale-table indexes and means from the decoded hyper-latent, in float64."""
+        vv = torch.tensor([float(v)], device=z_hat_g.device)
+        inv_hgain = self._interpolate(self.log_inv_hgain.detach().double(), vv)
+        params = self.h_s64()(z_hat_g.double() * inv_hgain)
+        scales, means = params.chunk(2, 1)
+        indexes = self.gaussian_conditional.build_indexes(scales)
+        return indexes, means, scales
+
+    def estimate_bits(self, y: torch.Tensor, v: float) -> float:
+        """Bits the rANS coder will spend at level ``v``, without running it.
+
+        Each y symbol is priced from the very quantised CDF row the coder will use (its
+        scale-table index), and a symbol outside that row's range as the escape symbol
+        plus CompressAI's 4-bit bypass words, so the y part is what rANS spends up to its
+        flush. z is priced from the entropy bottleneck's likelihoods (a few % of the total).
+        """
+        y_g, z_g, _ = self._hyper(y, v)
+        z_hat_g, z_lik = self.entropy_bottleneck(z_g, training=False)
+        indexes, means, _ = self._entropy_params(z_hat_g, v)
+        idx = indexes.long()
+        cdf, offsets, max_values = self._coder_tables()
+        value = torch.round(y_g.double() - means).long() - offsets[idx]
+        max_value = max_values[idx]
+        inside = (value >= 0) & (value < max_value)
+        pos = torch.where(inside, value, max_value)
+        freq = cdf[idx, pos + 1] - cdf[idx, pos]
+        bits = (16 - torch.log2(freq.double())).sum()
+        raw = torch.where(value < 0, -2 * value - 1, 2 * (value - max_value))[~inside]
+        if raw.numel():
+            words = torch.ceil(torch.floor(torch.log2(raw.double().clamp_min(1))).add(1).where(raw > 0, 0.0) / 4)
+            bits = bits + (4 * (torch.floor(words / 15) + 1) + 4 * words).sum()
+        return float(bits - torch.log2(z_lik.double().clamp_min(1e-12)).sum())
+
+    def _coder_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Gaussian conditional's quantised CDFs, offsets and escape positions, on device."""
+        if self._tables is None:
+            gc = self.gaussian_conditional
+            dev = gc.scale_table.device
+            self._tables = (gc._quantized_cdf.long().to(dev), gc._offset.long().to(dev),
+                            gc._cdf_length.long().to(dev) - 2)
+        return self._tables
+
+    def compress_latent(self, y: torch.Tensor, v: float) -> tuple[bytes, bytes]:
+        """Entropy-code ``y`` (batch of one) at level ``v``; returns (z string, y string)."""
+        y_g, z_g, _ = self._hyper(y, v)
+        z_strings = self.entropy_bottleneck.compress(z_g)
+        z_hat_g = self.entropy_bottleneck.decompress(z_strings, z_g.shape[-2:])
+        indexes, means, _ = self._entropy_params(z_hat_g, v)
+        y_strings = self.gaussian_conditional.compress(y_g.double(), indexes, means=means)
+        return z_strings[0], y_strings[0]
+
+    def decompress_latent(self, z_string: bytes, y_string: bytes, z_shape: tuple[int, int], v: float,
+                          device: torch.device) -> torch.Tensor:
+        """Decode the strings back to the synthesis output x̂ in [0, 1] (padded size)."""
+        z_hat_g = self.entropy_bottleneck.decompress([z_string], z_shape).to(device)
+        indexes, means, _ = self._entropy_params(z_hat_g, v)
+        y_hat_g = self.gaussian_conditional.decompress([y_string], indexes, dtype=torch.float64, means=means)
+        vv = torch.tensor([float(v)], device=device)
+        inv_gain = self._interpolate(self.log_inv_gain.detach().double(), vv)
+        y_hat = (y_hat_g.to(device) * inv_gain).float()
+        return self.g_s(y_hat).clamp_(0, 1)
+
+    def update_tables(self) -> None:
+        """Build the CDF tables (entropy bottleneck and Gaussian scale table) on CPU."""
+        self.update(scale_table=get_scale_table(), force=True)
+        self.invalidate_caches()
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Replicate-pad the bottom and right edges so the transforms see whole blocks."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    return F.pad(x, (0, pw, 0, ph), mode="replicate") if ph or pw else x
+
+
+def z_shape_for(height: int, width: int) -> tuple[int, int]:
+    return math.ceil(height / PAD_MULTIPLE), math.ceil(width / PAD_MULTIPLE)
