@@ -38,8 +38,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(url: str, device: torch.device, storage_options: dict[str, Any] | None = None) -> tuple[GainedHyperprior, bytes]:
-    tensors, config, sha = read_weights(url, storage_options)
+def load_model(url: str, device: torch.device, storage_options: dict[str, Any] | None = None
+               ) -> tuple[GainedHyperprior, bytes, dict[str, str]]:
+    """The model in ``url`` on ``device`` (eval mode), its SHA-256 and the file's metadata."""
+    tensors, config, sha, meta = read_weights(url, storage_options)
     model = GainedHyperprior(ModelConfig.from_dict(config))
     try:
         model.load_state_dict(tensors)
@@ -48,7 +50,7 @@ def load_model(url: str, device: torch.device, storage_options: dict[str, Any] |
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, sha
+    return model, sha, meta
 
 
 _HALF_PREFIXES = ("g_a.", "g_s.", "h_a.")   # transforms whose precision does not touch the entropy coder
@@ -91,7 +93,7 @@ class GainHyperpriorCodec:
         if threads:
             torch.set_num_threads(int(threads))
         self._device = resolve_device(device)
-        self.model, self.weights_sha256 = load_model(url, self._device, storage_options)
+        self.model, self.weights_sha256, self.weights_metadata = load_model(url, self._device, storage_options)
         self.weights_url = url
         self.control = ControlRange("level", 0.0, float(self.model.config.levels - 1), increasing=True)
         self._lock = threading.Lock()   # the model's CDF tables and caches are shared state

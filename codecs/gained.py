@@ -32,6 +32,9 @@ from compressai.models.base import CompressionModel, get_scale_table
 from compressai.models.utils import conv, deconv
 
 PAD_MULTIPLE = 64   # g_a downsamples by 16 and h_a by another 4
+# Per rANS stream: the 32-bit state written at the end plus padding to whole 32-bit words;
+# counting the padding's worst case keeps the estimate just above the real size.
+STREAM_FLUSH_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ class GainedHyperprior(CompressionModel):
         self.log_hgain = nn.Parameter(torch.zeros(L, N))
         self.log_inv_hgain = nn.Parameter(torch.zeros(L, N))
         self._h_s64: nn.Module | None = None
-        self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._tables: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ gains
 
@@ -128,7 +131,8 @@ class GainedHyperprior(CompressionModel):
         return self._h_s64
 
     def invalidate_caches(self) -> None:
-        self._h_s64 = self._tables = None
+        self._h_s64 = None
+        self._tables = {}
 
     def analyse(self, x: torch.Tensor) -> torch.Tensor:
         """The rate-independent part of encoding (run once per image)."""
@@ -153,36 +157,30 @@ class GainedHyperprior(CompressionModel):
     def estimate_bits(self, y: torch.Tensor, v: float) -> float:
         """Bits the rANS coder will spend at level ``v``, without running it.
 
-        Each y symbol is priced from the very quantised CDF row the coder will use (its
-        scale-table index), and a symbol outside that row's range as the escape symbol
-        plus CompressAI's 4-bit bypass words, so the y part is what rANS spends up to its
-        flush. z is priced from the entropy bottleneck's likelihoods (a few % of the total).
+        Every symbol is priced from the very quantised CDF row the coder will use (its
+        scale-table index for y, its channel for z), and a symbol outside that row's range
+        as the escape symbol plus CompressAI's 4-bit bypass words. What remains is the
+        coder's flush and word padding, a few bytes per stream, added at their worst case.
         """
         y_g, z_g, _ = self._hyper(y, v)
-        z_hat_g, z_lik = self.entropy_bottleneck(z_g, training=False)
+        eb = self.entropy_bottleneck
+        medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
+        z_sym = torch.round(z_g - medians).long()
+        z_hat_g = z_sym.to(z_g.dtype) + medians
         indexes, means, _ = self._entropy_params(z_hat_g, v)
-        idx = indexes.long()
-        cdf, offsets, max_values = self._coder_tables()
-        value = torch.round(y_g.double() - means).long() - offsets[idx]
-        max_value = max_values[idx]
-        inside = (value >= 0) & (value < max_value)
-        pos = torch.where(inside, value, max_value)
-        freq = cdf[idx, pos + 1] - cdf[idx, pos]
-        bits = (16 - torch.log2(freq.double())).sum()
-        raw = torch.where(value < 0, -2 * value - 1, 2 * (value - max_value))[~inside]
-        if raw.numel():
-            words = torch.ceil(torch.floor(torch.log2(raw.double().clamp_min(1))).add(1).where(raw > 0, 0.0) / 4)
-            bits = bits + (4 * (torch.floor(words / 15) + 1) + 4 * words).sum()
-        return float(bits - torch.log2(z_lik.double().clamp_min(1e-12)).sum())
+        y_sym = torch.round(y_g.double() - means).long()
+        channel = torch.arange(z_sym.shape[1], device=z_sym.device).reshape(1, -1, 1, 1).expand_as(z_sym)
+        return (_coded_bits(y_sym, indexes.long(), *self._coder_tables(self.gaussian_conditional))
+                + _coded_bits(z_sym, channel, *self._coder_tables(eb)) + 2 * 8 * STREAM_FLUSH_BYTES)
 
-    def _coder_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The Gaussian conditional's quantised CDFs, offsets and escape positions, on device."""
-        if self._tables is None:
-            gc = self.gaussian_conditional
-            dev = gc.scale_table.device
-            self._tables = (gc._quantized_cdf.long().to(dev), gc._offset.long().to(dev),
-                            gc._cdf_length.long().to(dev) - 2)
-        return self._tables
+    def _coder_tables(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """An entropy model's quantised CDFs, offsets and escape positions, on its device."""
+        key = "y" if model is self.gaussian_conditional else "z"
+        if key not in self._tables:
+            dev = model._quantized_cdf.device
+            self._tables[key] = (model._quantized_cdf.long().to(dev), model._offset.long().to(dev),
+                                 model._cdf_length.long().to(dev) - 2)
+        return self._tables[key]
 
     def compress_latent(self, y: torch.Tensor, v: float) -> tuple[bytes, bytes]:
         """Entropy-code ``y`` (batch of one) at level ``v``; returns (z string, y string)."""
@@ -208,6 +206,28 @@ class GainedHyperprior(CompressionModel):
         """Build the CDF tables (entropy bottleneck and Gaussian scale table) on CPU."""
         self.update(scale_table=get_scale_table(), force=True)
         self.invalidate_caches()
+
+
+def _coded_bits(symbols: torch.Tensor, rows: torch.Tensor, cdf: torch.Tensor, offsets: torch.Tensor,
+                max_values: torch.Tensor) -> float:
+    """What CompressAI's rANS spends on ``symbols``, each coded with CDF row ``rows``.
+
+    In range: -log2 of the row's quantised frequency (16-bit precision). Out of range: the
+    escape symbol's frequency plus the bypass words (a 4-bit count, 15 per word, then the
+    raw value in 4-bit words), as in CompressAI's ``rans_interface.cpp``.
+    """
+    value = symbols - offsets[rows]
+    max_value = max_values[rows]
+    inside = (value >= 0) & (value < max_value)
+    pos = torch.where(inside, value, max_value)
+    freq = cdf[rows, pos + 1] - cdf[rows, pos]
+    bits = float((16 - torch.log2(freq.double())).sum())
+    raw = torch.where(value < 0, -2 * value - 1, 2 * (value - max_value))[~inside]
+    if raw.numel():
+        nbits = torch.where(raw > 0, torch.floor(torch.log2(raw.double().clamp_min(1))) + 1, 0.0)
+        words = torch.ceil(nbits / 4)
+        bits += float((4 * (torch.floor(words / 15) + 1) + 4 * words).sum())
+    return bits
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:

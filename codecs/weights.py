@@ -30,8 +30,9 @@ def bundled_path(filename: str) -> str | None:
     return str(ref) if ref.is_file() else None
 
 
-def read_weights(url: str, storage_options: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict, bytes]:
-    """Read a weights file; returns (tensors, config dict, SHA-256 of the file)."""
+def read_weights(url: str, storage_options: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict, bytes, dict[str, str]]:
+    """Read a weights file; returns (tensors, config dict, SHA-256 of the file, metadata)."""
     try:
         with fsspec.open(url, "rb", **(storage_options or {})) as f:
             data = f.read()
@@ -45,7 +46,7 @@ def read_weights(url: str, storage_options: dict[str, Any] | None = None) -> tup
         raise WeightsError(f"{url} is not a safetensors weights file: {e}") from e
     if meta.get("format") != FORMAT:
         raise WeightsError(f"{url}: weights format {meta.get('format')!r}, expected {FORMAT!r}")
-    return tensors, json.loads(meta["config"]), hashlib.sha256(data).digest()
+    return tensors, json.loads(meta["config"]), hashlib.sha256(data).digest(), meta
 
 
 def weights_bytes(state: dict[str, torch.Tensor], config: dict, extra: dict[str, str] | None = None) -> bytes:

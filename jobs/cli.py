@@ -1,4 +1,4 @@
-"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, demo."""
+"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, eval, demo."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _codecs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ratefit.jobs import decompress, demo, recompress, train
+    from ratefit.jobs import decompress, demo, evaluate, recompress, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("codecs", help="list registered codecs")
     pt = sub.add_parser("train", help="train the gain-hyperprior model on a folder of photos")
     train.add_train_arguments(pt)
+    pe = sub.add_parser("eval", help="rate-distortion curves and BD-rates of codecs on a folder of photos")
+    evaluate.add_eval_arguments(pe)
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
     pm.add_argument("output", nargs="?", default="demo-output")
     pm.add_argument("--target-bpp", type=float, default=0.5)
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "codecs":
         return _codecs(args)
+    if args.command == "eval":
+        return evaluate.run(args)
     if args.command == "train":
         return train.run(args)
     if args.command == "demo":

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ratefit.codecs.gain_hyperprior import export_weights
+from ratefit.codecs.gain_hyperprior import export_weights, load_model
 from ratefit.codecs.gained import GainedHyperprior, ModelConfig, pad_to_multiple
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -132,12 +132,25 @@ def train(args: argparse.Namespace) -> int:
                         for i in range(args.levels))
     config = ModelConfig(N=args.N, M=args.M, lambdas=lambdas_cfg)
     step = 0
+    prior = {"steps": 0, "hours": 0.0}   # training behind --init weights (the model card's running total)
     resumed = ckpt_path.exists() and not args.fresh
     if resumed:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)   # our own file
         config = ModelConfig.from_dict(ckpt["config"])
+        prior = ckpt.get("prior", prior)
     torch.manual_seed(args.seed)
-    model = GainedHyperprior(config).to(device)
+    if args.init and not resumed:
+        # Continue from shipped weights: same architecture, fresh optimisers.
+        model, _, meta = load_model(args.init, torch.device("cpu"))
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        config = model.config
+        prior = {"steps": int(meta.get("trained_steps", 0)), "hours": float(meta.get("train_hours", 0.0))}
+        print(f"starting from {args.init} ({prior['steps']} steps behind it)")
+    else:
+        model = GainedHyperprior(config)
+    model = model.to(device)
     opt, aux_opt = _make_optimizers(model, args.lr, args.aux_lr)
     rng = random.Random(args.seed)
     if resumed:
@@ -169,13 +182,20 @@ def train(args: argparse.Namespace) -> int:
     def checkpoint() -> None:
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "aux_opt": aux_opt.state_dict(),
                       "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                      "config": config.to_dict()}, ckpt_path)
+                      "config": config.to_dict(), "prior": prior,
+                      "hours": hours_before + (time.perf_counter() - t_start) / 3600}, ckpt_path)
 
+    hours_before = float(ckpt.get("hours", 0.0)) if resumed else 0.0
     model.train()
     acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "aux": 0.0, "n": 0}
     t_start = t_log = time.perf_counter()
     images_since = 0
+    deadline = t_start + args.max_minutes * 60 if args.max_minutes else math.inf
     while step < args.steps:
+        if time.perf_counter() >= deadline:
+            print(f"time budget of {args.max_minutes:g} min reached at step {step}; checkpointing", flush=True)
+            checkpoint()
+            break
         lr = args.lr * (0.1 if step >= args.decay_at * args.steps else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -221,7 +241,11 @@ def train(args: argparse.Namespace) -> int:
             print("eval " + "  ".join(f"L{r['level']}: {r['bpp']:.3f} bpp {r['psnr']:.2f} dB" for r in rows), flush=True)
     log_file.close()
     if args.export:
-        data = export_weights(model, {"trained_steps": str(step), "train_data": ",".join(Path(d).name for d in args.data)})
+        hours = hours_before + (time.perf_counter() - t_start) / 3600
+        data = export_weights(model, {
+            "trained_steps": str(prior["steps"] + step), "train_hours": f"{prior['hours'] + hours:.3f}",
+            "train_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "train_data": ",".join(Path(d).name for d in args.data)})
         Path(args.export).parent.mkdir(parents=True, exist_ok=True)
         Path(args.export).write_bytes(data)
         print(f"wrote weights {args.export} ({len(data) / 1e6:.1f} MB)")
@@ -238,6 +262,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    f"{shared}/train and train-b)")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, train_log.csv, eval_log.jsonl")
     p.add_argument("--export", help="write the weights file here when training ends")
+    p.add_argument("--init", help="start from this weights file (e.g. the shipped one) instead of random weights")
     p.add_argument("--eval", help="folder of evaluation photos (e.g. Kodak), evaluated every --eval-every steps")
     p.add_argument("--eval-every", type=int, default=5000)
     p.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N photos only (0 = all)")
@@ -258,6 +283,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="stop (checkpoint, export) after this much training time: a chunk that fits a lease")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,6 +199,16 @@ def test_trainer_smoke_checkpoints_resumes_and_exports(tmp_path, samples_dir):
     assert codec.control.high == 2.0
     img = np.asarray(Image.open(data / "coffee.png").convert("RGB"))[:80, :90].copy()
     assert codec.decode(codec.encode(codec.prepare(img), 1.0), 90, 80, 1.0).shape == img.shape
+    assert codec.weights_metadata["trained_steps"] == "5"
+
+    # A later chunk continues from the exported weights and keeps the running total.
+    again = tmp_path / "w2.safetensors"
+    assert train_job.main(["--data", str(data), "--out", str(tmp_path / "run2"), "--init", str(export),
+                           "--steps", "2", "--batch-size", "2", "--crop", "64", "--device", "cpu",
+                           "--export", str(again)]) == 0
+    continued = GainHyperpriorCodec(weights=str(again), device="cpu")
+    assert continued.weights_metadata["trained_steps"] == "7"
+    assert continued.model.config == codec.model.config
 
 
 def test_trainer_refuses_kodak(tmp_path):
@@ -207,3 +217,35 @@ def test_trainer_refuses_kodak(tmp_path):
     Image.new("RGB", (300, 300)).save(data / "kodim01.png")
     with pytest.raises(SystemExit, match="Kodak"):
         train_job.main(["--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_job_round_trip_through_ray_with_learned_codec(photo_dir, tmp_path, weights_a):
+    import pyarrow.dataset as ds
+
+    from ratefit.codecs.metrics import psnr
+    from ratefit.jobs import decompress, recompress
+    from ratefit.jobs.spec import JobSpec
+    from ratefit.workers.read import decode_image
+
+    opts = {"weights": str(weights_a), "device": "cpu"}
+    comp, rest = tmp_path / "comp", tmp_path / "rest"
+    summary = recompress.run(JobSpec(input=str(photo_dir), output=str(comp), codec="gain-hyperprior",
+                                     codec_options=opts, target_bpp=1.2, shard_size=2))
+    assert summary["statuses"] == {"ok": 3}
+    rows = ds.dataset(str(comp / "_manifest"), format="parquet").to_table().to_pylist()
+    for r in rows:
+        assert r["bpp"] <= 1.2 and r["bpp"] >= 0.99 * 1.2, r
+        assert r["encodes"] == 1 and r["codec"] == "gain-hyperprior"
+        header, _ = container.unpack(Path(r["output_uri"]).read_bytes())
+        assert header.weights_sha256 == GainHyperpriorCodec(weights=str(weights_a), device="cpu").weights_sha256
+        assert header.value == pytest.approx(r["rate_param"])
+    back = decompress.run(JobSpec(input=str(comp), output=str(rest), kind="decompress",
+                                  codec="gain-hyperprior", codec_options=opts))
+    assert back["statuses"] == {"ok": 3}
+    for r in rows:
+        rel = Path(r["output_uri"]).relative_to(comp)
+        restored = rest / str(rel).removesuffix(".ghp.rfic")
+        restored = restored if restored.suffix == ".png" else restored.with_name(restored.name + ".png")
+        original = decode_image(Path(r["input_uri"]).read_bytes()).pixels
+        assert psnr(original, np.asarray(Image.open(restored).convert("RGB"))) == pytest.approx(r["psnr"], abs=1e-9)

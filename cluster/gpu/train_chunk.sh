@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One chunk of gain-hyperprior training on a lent GPU machine, sized to fit one lease.
+#
+# Run on the device machine from the repository root, with these git-ignored folders carried:
+#   .whl    compressai 1.2.8 for CPython 3.12 (the GPU image has torch, torchvision, scipy,
+#           einops, torch-geometric and safetensors already):
+#             python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#               --implementation cp --platform manylinux_2_34_x86_64 -d .whl compressai==1.2.8
+#   .train  one training pack, e.g. cp -r ../shared/data/train .train (52 MB; the working tree
+#           travels with at most 64 MiB, so one pack per call, and no Kodak: evaluate here
+#           afterwards with `ratefit eval`)
+# Environment: MINUTES (training time, default 8), FRESH=1 to start a new model instead of
+# continuing from codecs/weights/gain-hyperprior.safetensors (done automatically when the
+# shipped weights were trained on a CPU: the GPU model is the full-size one), N and M.
+# Brings back under $OUT: gain-hyperprior.safetensors (copy it over the shipped file and
+# update codecs/weights/gain-hyperprior.md), train_log.csv and train.out.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ratefit .
+export PYTHONPATH=/tmp/ratefit:/tmp/site PYTHONUNBUFFERED=1
+shipped=codecs/weights/gain-hyperprior.safetensors
+init=()
+if [ "${FRESH:-0}" != 1 ] && [ -f "$shipped" ]; then
+  device=$(python3 -c "import json,sys; d=open('$shipped','rb').read(); n=int.from_bytes(d[:8],'little'); print(json.loads(d[8:8+n])['__metadata__'].get('train_device','cpu'))")
+  [ "$device" != cpu ] && init=(--init "$shipped")
+fi
+python3 -m ratefit.jobs.train --data .train --out /tmp/run "${init[@]}" --N "${N:-128}" --M "${M:-192}" \
+  --steps 10000000 --max-minutes "${MINUTES:-8}" --batch-size 16 --crop 256 --lr 1e-4 \
+  --log-every 500 --ckpt-every 2000 --export "$OUT/gain-hyperprior.safetensors" 2>&1 | tee "$OUT/train.out"
+cp /tmp/run/train_log.csv "$OUT/"
