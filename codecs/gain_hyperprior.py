@@ -1,6 +1,8 @@
 """``gain-hyperprior``: ratefit's learned continuous-rate codec (see ``gained.py``).
 
-Rate-control value: the real rate level ``v`` in ``[0, levels - 1]`` (higher = more bits).
+Rate-control value: the real rate level ``v`` in ``[-1, levels]`` (higher = more bits): the
+trained levels are 0 … levels-1, and one level of log-linear extrapolation on each side
+stretches the range a little (see ``gained.py``).
 ``prepare`` runs the analysis transform once; ``estimate`` prices a level from the
 likelihoods alone (no entropy coding, no synthesis), so the target search costs one
 analysis, a handful of cheap hyperprior passes and usually one real rANS encode.
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from ratefit.codecs.base import CodecError, ControlRange
-from ratefit.codecs.gained import GainedHyperprior, ModelConfig, pad_to_multiple, z_shape_for
+from ratefit.codecs.gained import EXTRAPOLATE, GainedHyperprior, ModelConfig, pad_to_multiple, z_shape_for
 from ratefit.codecs.registry import register
 from ratefit.codecs.weights import WeightsError, bundled_path, read_weights, weights_bytes
 
@@ -95,7 +97,7 @@ class GainHyperpriorCodec:
         self._device = resolve_device(device)
         self.model, self.weights_sha256, self.weights_metadata = load_model(url, self._device, storage_options)
         self.weights_url = url
-        self.control = ControlRange("level", 0.0, float(self.model.config.levels - 1), increasing=True)
+        self.control = ControlRange("level", -EXTRAPOLATE, self.model.config.levels - 1 + EXTRAPOLATE, increasing=True)
         self._lock = threading.Lock()   # the model's CDF tables and caches are shared state
 
     @property

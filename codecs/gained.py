@@ -35,6 +35,7 @@ PAD_MULTIPLE = 64   # g_a downsamples by 16 and h_a by another 4
 # Per rANS stream: the 32-bit state written at the end plus padding to whole 32-bit words;
 # counting the padding's worst case keeps the estimate just above the real size.
 STREAM_FLUSH_BYTES = 8
+EXTRAPOLATE = 1.0   # rate levels usable beyond each end of the trained ones
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,15 @@ class GainedHyperprior(CompressionModel):
 
     @staticmethod
     def _interpolate(table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Gains at (batched) real levels ``v``: log-linear between the two nearest levels."""
+        """Gains at (batched) real levels ``v``: log-linear between the two nearest levels.
+
+        Up to ``EXTRAPOLATE`` levels beyond either end continue the end segment's line, i.e.
+        the quantisation step keeps scaling geometrically (the QVRF idea), which stretches
+        the rate range a little past what training covered, at a gently falling efficiency.
+        """
         L = table.shape[0]
-        v = v.to(table.dtype).clamp(0, L - 1)
-        lo = v.floor().long().clamp(max=L - 2)
+        v = v.to(table.dtype).clamp(-EXTRAPOLATE, L - 1 + EXTRAPOLATE)
+        lo = v.floor().long().clamp(0, L - 2)
         t = (v - lo.to(v.dtype))[:, None]
         return torch.exp(table[lo] * (1 - t) + table[lo + 1] * t)[:, :, None, None]
 

@@ -8,6 +8,7 @@ a model on a GPU and must be built inside the worker that uses it.
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, Callable
 
@@ -16,6 +17,9 @@ from ratefit.codecs.base import Codec
 Factory = Callable[..., Codec]
 _FACTORIES: dict[str, Factory] = {}
 _entry_points_loaded = False
+# Built-in codecs whose module imports torch and compressai (seconds): imported on first use,
+# so a job with a classical codec never pays for them in its driver or workers.
+_LAZY = {"gain-hyperprior": "ratefit.codecs.gain_hyperprior"}
 
 
 def register(name: str, factory: Factory) -> None:
@@ -28,7 +32,6 @@ def _load_builtin_and_plugins() -> None:
     global _entry_points_loaded
     if _entry_points_loaded:
         return
-    import ratefit.codecs.gain_hyperprior  # noqa: F401  (registers gain-hyperprior)
     import ratefit.codecs.pillow  # noqa: F401  (registers jpeg, webp, avif)
 
     for ep in entry_points(group="ratefit.codecs"):
@@ -40,13 +43,15 @@ def _load_builtin_and_plugins() -> None:
 def get_codec(name: str, **options: Any) -> Codec:
     """Build the codec registered as ``name``; raises KeyError listing the known names."""
     _load_builtin_and_plugins()
+    if name not in _FACTORIES and name in _LAZY:
+        import_module(_LAZY[name])   # registers itself
     try:
         factory = _FACTORIES[name]
     except KeyError:
-        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(sorted(_FACTORIES))}") from None
+        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(list_codecs())}") from None
     return factory(**options)
 
 
 def list_codecs() -> list[str]:
     _load_builtin_and_plugins()
-    return sorted(_FACTORIES)
+    return sorted(set(_FACTORIES) | set(_LAZY))

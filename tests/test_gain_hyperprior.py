@@ -68,8 +68,10 @@ def test_gains_interpolate_exponentially_between_levels():
     assert torch.allclose(g(1.0), model.log_gain[1].exp())
     assert torch.allclose(g(2.0), model.log_gain[2].exp())
     assert torch.allclose(g(1.5), (model.log_gain[1].exp() * model.log_gain[2].exp()).sqrt(), rtol=1e-5)
-    # Clamped to the level range at both ends.
-    assert torch.allclose(g(-3.0), g(0.0)) and torch.allclose(g(99.0), g(3.0))
+    # One level of log-linear extrapolation past each end, then clamped.
+    assert torch.allclose(g(-1.0), (2 * model.log_gain[0] - model.log_gain[1]).exp(), rtol=1e-5)
+    assert torch.allclose(g(4.0), (2 * model.log_gain[3] - model.log_gain[2]).exp(), rtol=1e-5)
+    assert torch.allclose(g(-3.0), g(-1.0)) and torch.allclose(g(99.0), g(4.0))
 
 
 def test_round_trip_decodes_identically_in_a_fresh_process_state(codec, weights_a, photo):
@@ -86,7 +88,7 @@ def test_round_trip_decodes_identically_in_a_fresh_process_state(codec, weights_
 def test_rate_grows_with_level_and_estimate_tracks_real_size(codec, photo):
     prepared = codec.prepare(photo)
     sizes, estimates = [], []
-    for v in (0.0, 1.0, 2.0, 3.0):
+    for v in (-1.0, 0.0, 1.0, 2.0, 3.0, 4.0):
         sizes.append(len(codec.encode(prepared, v)))
         estimates.append(codec.estimate(prepared, v) / 8)
     assert sizes == sorted(sizes) and sizes[-1] > 1.5 * sizes[0]
@@ -196,7 +198,7 @@ def test_trainer_smoke_checkpoints_resumes_and_exports(tmp_path, samples_dir):
     assert all(math.isfinite(float(r.split(",")[1])) for r in log[1:])
     assert (out / "eval_log.jsonl").read_text().count('"level"') == 3
     codec = GainHyperpriorCodec(weights=str(export), device="cpu")
-    assert codec.control.high == 2.0
+    assert (codec.control.low, codec.control.high) == (-1.0, 3.0)   # 3 trained levels, one more each side
     img = np.asarray(Image.open(data / "coffee.png").convert("RGB"))[:80, :90].copy()
     assert codec.decode(codec.encode(codec.prepare(img), 1.0), 90, 80, 1.0).shape == img.shape
     assert codec.weights_metadata["trained_steps"] == "5"
