@@ -21,15 +21,19 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.layers import GDN
-from compressai.models.base import CompressionModel, get_scale_table
-from compressai.models.utils import conv, deconv
+
+with warnings.catch_warnings():   # compressai 1.2.8 calls torch.jit.script at import, deprecated in torch 2.14
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+    from compressai.layers import GDN
+    from compressai.models.base import CompressionModel, get_scale_table
+    from compressai.models.utils import conv, deconv
 
 PAD_MULTIPLE = 64   # g_a downsamples by 16 and h_a by another 4
 # Per rANS stream: the 32-bit state written at the end plus padding to whole 32-bit words;

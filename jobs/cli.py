@@ -56,15 +56,15 @@ def _inspect(args: argparse.Namespace) -> int:
 def _codecs(args: argparse.Namespace) -> int:
     from ratefit.codecs.registry import get_codec, list_codecs
 
-    print(f"{'name':<12} {'control':<10} {'range':<12} {'kind':<11} {'device':<7} {'speed':<7} extension")
+    print(f"{'name':<16} {'control':<10} {'range':<12} {'kind':<11} {'device':<7} {'speed':<7} extension")
     for name in list_codecs():
         try:
             c = get_codec(name)
         except Exception as e:  # e.g. a learned codec whose weights are not installed
-            print(f"{name:<12} unavailable: {e}")
+            print(f"{name:<16} unavailable: {e}")
             continue
         ctl = c.control
-        print(f"{name:<12} {ctl.name:<10} {f'{ctl.low:g}..{ctl.high:g}':<12} "
+        print(f"{name:<16} {ctl.name:<10} {f'{ctl.low:g}..{ctl.high:g}':<12} "
               f"{'discrete' if ctl.discrete else 'continuous':<11} {c.device:<7} {c.speed:<7} .{c.extension}")
     return 0
 

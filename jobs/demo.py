@@ -1,6 +1,6 @@
 """``ratefit demo``: compress the bundled sample photos on an embedded Ray and restore them.
 
-Runs the same job as ``ratefit compress`` (AVIF at 0.5 bpp by default), then
+Runs the same job as ``ratefit compress`` (the default codec at 0.5 bpp), then
 ``ratefit decompress``, and says where to look.
 """
 

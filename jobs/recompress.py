@@ -69,7 +69,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
                                             "file (.parquet/.csv with a 'uri' column)")
     p.add_argument("output", nargs="?", help="output folder URL")
     p.add_argument("--spec", help="YAML/JSON job spec (any fsspec URL); flags given here override it")
-    p.add_argument("--codec", help="codec name (see `ratefit codecs`; default avif)")
+    p.add_argument("--codec", help="codec name (see `ratefit codecs`; default gain-hyperprior)")
     p.add_argument("--codec-options", type=_json_arg, help="codec options as JSON, e.g. '{\"speed\": 8}'")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-bpp", type=float, help="ceiling in bits per pixel, container included")

@@ -21,7 +21,7 @@ from ratefit.codecs.rate import Target
 from ratefit.workers.read import DEFAULT_MAX_PIXELS
 from ratefit.workers.storage import redact, redact_options
 
-DEFAULT_CODEC = "avif"
+DEFAULT_CODEC = "gain-hyperprior"
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif")
 LISTING_SUFFIXES = (".parquet", ".csv")
 _HASHED = ("kind", "input", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",

@@ -26,8 +26,25 @@ def test_codecs_lists_the_builtin_codecs():
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     names = {line.split()[0] for line in lines[1:]}
-    assert {"avif", "jpeg", "webp"} <= names
+    assert {"avif", "jpeg", "webp", "gain-hyperprior"} <= names
+    assert any(line.startswith("gain-hyperprior") and "continuous" in line for line in lines)
     assert any(line.startswith("avif") and "discrete" in line and "0..100" in line for line in lines)
+
+
+def test_compress_without_codec_uses_the_learned_default_and_decompress_restores(samples_dir, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "chelsea.png").write_bytes((samples_dir / "chelsea.png").read_bytes())
+    out, back = tmp_path / "out", tmp_path / "back"
+    proc = run(["compress", str(src), str(out), "--target-bpp", "0.8", "--workers", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    success = json.loads((out / "_SUCCESS").read_text())
+    assert success["spec"]["codec"] == "gain-hyperprior" and success["statuses"] == {"ok": 1}
+    info = json.loads(run(["inspect", str(out / "chelsea.png.ghp.rfic")]).stdout)
+    assert info["codec"] == "gain-hyperprior" and len(info["weights_sha256"]) == 64 and info["bpp"] <= 0.8
+    proc = run(["decompress", str(out), str(back), "--workers", "1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (back / "chelsea.png").exists()
 
 
 def test_bad_invocations_fail_with_one_clear_line(tmp_path):
