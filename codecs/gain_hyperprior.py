@@ -107,7 +107,7 @@ class GainHyperpriorCodec:
     def _to_tensor(self, image: np.ndarray) -> torch.Tensor:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise CodecError(f"{NAME} expects uint8 HxWx3, got {image.dtype} {image.shape}")
-        x = torch.from_numpy(np.ascontiguousarray(image)).to(self._device)
+        x = torch.from_numpy(np.require(image, requirements=["C", "W"])).to(self._device)   # copies read-only arrays
         return x.permute(2, 0, 1)[None].float().div_(255.0)
 
     @torch.inference_mode()
