@@ -170,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         codec_options.setdefault(name, {}).update(json.loads(js))
     codec_options = {n: codec_options[n] for n in names}
     override = _parse_values(args.values)
-    plan = {n: values_for(n, get_codec(n, **codec_options[n]), override) for n in names}
+    local = {n: get_codec(n, **codec_options[n]) for n in names}   # fails fast on bad names/options
+    plan = {n: values_for(n, local[n], override) for n in names}
     workers = max(1, args.workers or os.cpu_count() or 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     points = mean_points(rows)
     table = bd_table(points)
     meta = {"dir": str(folder), "images": len(files), "codecs": {n: {"options": codec_options[n],
-            "weights_sha256": get_codec(n, **codec_options[n]).weights_sha256.hex() or None} for n in names},
+            "weights_sha256": local[n].weights_sha256.hex() or None} for n in names},
             "seconds": time.perf_counter() - t0, "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d"), "bpp": "stored ratefit container, header included",
             "psnr": "RGB, mean over images of per-image PSNR"}

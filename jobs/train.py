@@ -35,9 +35,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 LOG_FIELDS = ["step", "loss", "bpp", "mse", "psnr", "aux", "lr", "images_per_s", "elapsed_s"]
 
 
-def list_images(folders: list[str]) -> list[Path]:
+def list_images(folders: list[str], training: bool = True) -> list[Path]:
+    """Image files under ``folders``; training sets must not contain Kodak (the evaluation set)."""
     files = sorted(p for d in folders for p in Path(d).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    for f in files:
+    for f in files if training else ():
         if "kodim" in f.name.lower():
             raise SystemExit(f"ratefit train: {f} looks like a Kodak image; Kodak is the evaluation set")
     return files
@@ -171,7 +172,7 @@ def train(args: argparse.Namespace) -> int:
           f"λ {config.lambdas[0]:g}..{config.lambdas[-1]:g}, device {device}", flush=True)
     eval_images = []
     if args.eval:
-        eval_images = [t for t in load_images(list_images_eval(args.eval), 1)][: args.eval_limit or None]
+        eval_images = load_images(list_images([args.eval], training=False), 1)[: args.eval_limit or None]
 
     log_new = not (out / "train_log.csv").exists()
     log_file = open(out / "train_log.csv", "a", newline="")
@@ -250,10 +251,6 @@ def train(args: argparse.Namespace) -> int:
         Path(args.export).write_bytes(data)
         print(f"wrote weights {args.export} ({len(data) / 1e6:.1f} MB)")
     return 0
-
-
-def list_images_eval(folder: str) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
