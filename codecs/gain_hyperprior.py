@@ -129,6 +129,13 @@ class GainHyperpriorCodec:
         return _LEN.pack(len(z)) + z + y
 
     @torch.inference_mode()
+    def reconstruct(self, prepared: Prepared, value: float) -> np.ndarray:
+        """What decoding the encode at ``value`` gives, without entropy coding (R-D probes)."""
+        with self._lock:
+            x_hat = self.model.reconstruct(prepared.y, value)
+        return _to_pixels(x_hat, prepared.width, prepared.height)
+
+    @torch.inference_mode()
     def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
         if len(payload) < _LEN.size:
             raise CodecError(f"{NAME} payload of {len(payload)} bytes is too short")
@@ -145,8 +152,13 @@ class GainHyperpriorCodec:
                 x_hat = self.model.decompress_latent(z, y, z_shape_for(height, width), value, self._device)
             except (RuntimeError, ValueError) as e:
                 raise CodecError(f"{NAME} payload does not decode: {e}") from e
-        x_hat = x_hat[0, :, :height, :width]
-        return x_hat.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        return _to_pixels(x_hat, width, height)
+
+
+def _to_pixels(x_hat: torch.Tensor, width: int, height: int) -> np.ndarray:
+    """Synthesis output (1x3xHpxWp in [0, 1]) cropped to the image, as uint8 HxWx3."""
+    x_hat = x_hat[0, :, :height, :width]
+    return x_hat.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 register(NAME, GainHyperpriorCodec)

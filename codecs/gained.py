@@ -207,10 +207,25 @@ class GainedHyperprior(CompressionModel):
         z_hat_g = self.entropy_bottleneck.decompress([z_string], z_shape).to(device)
         indexes, means, _ = self._entropy_params(z_hat_g, v)
         y_hat_g = self.gaussian_conditional.decompress([y_string], indexes, dtype=torch.float64, means=means)
-        vv = torch.tensor([float(v)], device=device)
+        return self._synthesise(y_hat_g.to(device), v)
+
+    def _synthesise(self, y_hat_g: torch.Tensor, v: float) -> torch.Tensor:
+        """Inverse gain (float64) then g_s (float32), clamped to [0, 1]."""
+        vv = torch.tensor([float(v)], device=y_hat_g.device)
         inv_gain = self._interpolate(self.log_inv_gain.detach().double(), vv)
-        y_hat = (y_hat_g.to(device) * inv_gain).float()
-        return self.g_s(y_hat).clamp_(0, 1)
+        return self.g_s((y_hat_g * inv_gain).float()).clamp_(0, 1)
+
+    def reconstruct(self, y: torch.Tensor, v: float) -> torch.Tensor:
+        """The decoder's output at level ``v`` without entropy coding (for R-D probes).
+
+        Quantises exactly as ``compress_latent`` does and synthesises as
+        ``decompress_latent`` does, so it equals the real round trip on the same device.
+        """
+        y_g, z_g, _ = self._hyper(y, v)
+        medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+        z_hat_g = torch.round(z_g - medians) + medians
+        _, means, _ = self._entropy_params(z_hat_g, v)
+        return self._synthesise(torch.round(y_g.double() - means) + means, v)
 
     def update_tables(self) -> None:
         """Build the CDF tables (entropy bottleneck and Gaussian scale table) on CPU."""

@@ -85,6 +85,14 @@ def test_round_trip_decodes_identically_in_a_fresh_process_state(codec, weights_
     assert codec.encode(codec.prepare(photo), 1.7) == payload   # encoding is deterministic
 
 
+def test_reconstruct_without_entropy_coding_equals_the_real_round_trip(codec, photo):
+    prepared = codec.prepare(photo)
+    h, w = photo.shape[:2]
+    for v in (-0.5, 1.2, 3.7):
+        real = codec.decode(codec.encode(prepared, v), w, h, v)
+        assert np.array_equal(codec.reconstruct(prepared, v), real)
+
+
 def test_rate_grows_with_level_and_estimate_tracks_real_size(codec, photo):
     prepared = codec.prepare(photo)
     sizes, estimates = [], []
