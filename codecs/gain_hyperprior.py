@@ -96,7 +96,6 @@ class GainHyperpriorCodec:
             torch.set_num_threads(int(threads))
         self._device = resolve_device(device)
         self.model, self.weights_sha256, self.weights_metadata = load_model(url, self._device, storage_options)
-        self.weights_url = url
         self.control = ControlRange("level", -EXTRAPOLATE, self.model.config.levels - 1 + EXTRAPOLATE, increasing=True)
         self._lock = threading.Lock()   # the model's CDF tables and caches are shared state
 

@@ -42,14 +42,18 @@ STREAM_FLUSH_BYTES = 8
 EXTRAPOLATE = 1.0   # rate levels usable beyond each end of the trained ones
 
 
+def geometric_lambdas(low: float, high: float, levels: int) -> tuple[float, ...]:
+    """``levels`` λ values spaced geometrically from ``low`` to ``high`` (one per rate level)."""
+    return tuple(round(low * (high / low) ** (i / (levels - 1)), 7) for i in range(levels))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What is needed to rebuild the network; stored in the weights file's metadata."""
 
     N: int = 128                # channels of the transforms and of z
     M: int = 192                # channels of y
-    lambdas: tuple[float, ...] = field(default_factory=lambda: tuple(
-        round(0.0012 * (0.16 / 0.0012) ** (i / 7), 6) for i in range(8)))   # MSE weight per level
+    lambdas: tuple[float, ...] = field(default_factory=lambda: geometric_lambdas(0.0012, 0.16, 8))  # MSE weight per level
 
     @property
     def levels(self) -> int:
@@ -173,15 +177,19 @@ class GainedHyperprior(CompressionModel):
         coder's flush and word padding, a few bytes per stream, added at their worst case.
         """
         y_g, z_g, _ = self._hyper(y, v)
-        eb = self.entropy_bottleneck
-        medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
-        z_sym = torch.round(z_g - medians).long()
-        z_hat_g = z_sym.to(z_g.dtype) + medians
+        z_sym, z_hat_g = self._quantize_z(z_g)
         indexes, means, _ = self._entropy_params(z_hat_g, v)
         y_sym = torch.round(y_g.double() - means).long()
         channel = torch.arange(z_sym.shape[1], device=z_sym.device).reshape(1, -1, 1, 1).expand_as(z_sym)
         return (_coded_bits(y_sym, indexes.long(), *self._coder_tables(self.gaussian_conditional))
-                + _coded_bits(z_sym, channel, *self._coder_tables(eb)) + 2 * 8 * STREAM_FLUSH_BYTES)
+                + _coded_bits(z_sym, channel, *self._coder_tables(self.entropy_bottleneck))
+                + 2 * 8 * STREAM_FLUSH_BYTES)
+
+    def _quantize_z(self, z_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z's symbols and dequantised values, rounded around the medians as the coder does."""
+        medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+        z_sym = torch.round(z_g - medians)
+        return z_sym.long(), z_sym + medians
 
     def _coder_tables(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """An entropy model's quantised CDFs, offsets and escape positions, on its device."""
@@ -222,9 +230,7 @@ class GainedHyperprior(CompressionModel):
         ``decompress_latent`` does, so it equals the real round trip on the same device.
         """
         y_g, z_g, _ = self._hyper(y, v)
-        medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
-        z_hat_g = torch.round(z_g - medians) + medians
-        _, means, _ = self._entropy_params(z_hat_g, v)
+        _, means, _ = self._entropy_params(self._quantize_z(z_g)[1], v)
         return self._synthesise(torch.round(y_g.double() - means) + means, v)
 
     def update_tables(self) -> None:

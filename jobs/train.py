@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 
 from ratefit.codecs.gain_hyperprior import export_weights, load_model
-from ratefit.codecs.gained import GainedHyperprior, ModelConfig, pad_to_multiple
+from ratefit.codecs.gained import GainedHyperprior, ModelConfig, geometric_lambdas, pad_to_multiple
 
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"   # ../shared/data beside the repo
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 LOG_FIELDS = ["step", "loss", "bpp", "mse", "psnr", "aux", "lr", "images_per_s", "elapsed_s"]
 
@@ -129,9 +130,7 @@ def train(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt_path = out / "checkpoint.pt"
-    lambdas_cfg = tuple(round(args.lambda_min * (args.lambda_max / args.lambda_min) ** (i / (args.levels - 1)), 7)
-                        for i in range(args.levels))
-    config = ModelConfig(N=args.N, M=args.M, lambdas=lambdas_cfg)
+    config = ModelConfig(N=args.N, M=args.M, lambdas=geometric_lambdas(args.lambda_min, args.lambda_max, args.levels))
     step = 0
     prior = {"steps": 0, "hours": 0.0}   # training behind --init weights (the model card's running total)
     resumed = ckpt_path.exists() and not args.fresh
@@ -254,9 +253,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     p.add_argument("--data", action="append", help=f"folder of training photos (repeatable; default "
-                   f"{shared}/train and train-b)")
+                   f"{SHARED_DATA}/train and train-b)")
     p.add_argument("--out", required=True, help="folder for checkpoint.pt, train_log.csv, eval_log.jsonl")
     p.add_argument("--export", help="write the weights file here when training ends")
     p.add_argument("--init", help="start from this weights file (e.g. the shipped one) instead of random weights")
@@ -293,8 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if not args.data:
-        shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-        args.data = [str(shared / "train"), str(shared / "train-b")]
+        args.data = [str(SHARED_DATA / "train"), str(SHARED_DATA / "train-b")]
     missing = [d for d in args.data if not Path(d).is_dir()]
     if missing:
         raise SystemExit(f"ratefit train: training folder(s) not found: {', '.join(missing)}")

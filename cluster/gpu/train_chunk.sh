@@ -21,7 +21,7 @@ export PYTHONPATH=/tmp/ratefit:/tmp/site PYTHONUNBUFFERED=1
 shipped=codecs/weights/gain-hyperprior.safetensors
 init=()
 if [ "${FRESH:-0}" != 1 ] && [ -f "$shipped" ]; then
-  device=$(python3 -c "import json,sys; d=open('$shipped','rb').read(); n=int.from_bytes(d[:8],'little'); print(json.loads(d[8:8+n])['__metadata__'].get('train_device','cpu'))")
+  device=$(python3 -c "from ratefit.codecs.weights import read_weights; print(read_weights('$shipped')[3].get('train_device', 'cpu'))")
   [ "$device" != cpu ] && init=(--init "$shipped")
 fi
 python3 -m ratefit.jobs.train --data .train --out /tmp/run "${init[@]}" --N "${N:-128}" --M "${M:-192}" \
