@@ -113,6 +113,18 @@ def evaluate(model: GainedHyperprior, images: list[torch.Tensor], device: torch.
     return rows
 
 
+def _progress(step: int, args: argparse.Namespace, elapsed_s: float) -> float:
+    """How far this run is, 0..1, by steps or, with --max-minutes, by time, whichever is further.
+
+    A GPU lease is a time budget, not a step count, so the learning-rate drop must happen at a
+    fraction of the time too; otherwise a chunk with a huge --steps never decays.
+    """
+    done = step / args.steps
+    if args.max_minutes:
+        done = max(done, elapsed_s / (args.max_minutes * 60))
+    return done
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -151,6 +163,8 @@ def train(args: argparse.Namespace) -> int:
     else:
         model = GainedHyperprior(config)
     model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True   # fixed crop size: let cuDNN pick the fastest convolutions
     opt, aux_opt = _make_optimizers(model, args.lr, args.aux_lr)
     rng = random.Random(args.seed)
     if resumed:
@@ -196,7 +210,7 @@ def train(args: argparse.Namespace) -> int:
             print(f"time budget of {args.max_minutes:g} min reached at step {step}; checkpointing", flush=True)
             checkpoint()
             break
-        lr = args.lr * (0.1 if step >= args.decay_at * args.steps else 1.0)
+        lr = args.lr * (0.1 if _progress(step, args, time.perf_counter() - t_start) >= args.decay_at else 1.0)
         for g in opt.param_groups:
             g["lr"] = lr
         x = random_batch(images, args.batch_size, args.crop, rng).to(device, non_blocking=True).float().div_(255)
@@ -213,17 +227,29 @@ def train(args: argparse.Namespace) -> int:
         aux_opt.step()
         step += 1
         images_since += x.shape[0]
-        for k in ("loss", "bpp", "mse"):
-            acc[k] += float(r[k])
-        acc["aux"] += float(aux)
+        for k in ("loss", "bpp", "mse"):   # device tensors: no host sync per step, the GPU stays busy
+            acc[k] += r[k].detach()
+        acc["aux"] += aux.detach()
         acc["n"] += 1
         if step % args.log_every == 0 or step == args.steps:
             now = time.perf_counter()
             n = acc["n"]
+            acc.update({k: float(acc[k]) for k in ("loss", "bpp", "mse", "aux")})
             mse = acc["mse"] / n
             row = {"step": step, "loss": acc["loss"] / n, "bpp": acc["bpp"] / n, "mse": mse,
                    "psnr": 10 * math.log10(1 / max(mse, 1e-10)), "aux": acc["aux"] / n, "lr": lr,
                    "images_per_s": images_since / max(now - t_log, 1e-9), "elapsed_s": now - t_start}
+            if not math.isfinite(row["loss"]) and ckpt_path.exists():
+                # Diverged: go back to the last checkpoint (saved only while finite) at half the rate.
+                state = torch.load(ckpt_path, map_location=device, weights_only=False)
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["opt"])
+                aux_opt.load_state_dict(state["aux_opt"])
+                step, args.lr = int(state["step"]), args.lr / 2
+                print(f"loss is not finite; back to step {step}, lr now {args.lr:g}", flush=True)
+                acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "aux": 0.0, "n": 0}
+                t_log, images_since = now, 0
+                continue
             log.writerow(row)
             log_file.flush()
             eta = (args.steps - step) * (now - t_log) / max(n, 1)
@@ -232,7 +258,7 @@ def train(args: argparse.Namespace) -> int:
                   f"eta {eta / 60:.1f} min", flush=True)
             acc = {"loss": 0.0, "bpp": 0.0, "mse": 0.0, "aux": 0.0, "n": 0}
             t_log, images_since = now, 0
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if (step % args.ckpt_every == 0 or step == args.steps) and torch.isfinite(r["loss"]):
             checkpoint()
         if eval_images and (step % args.eval_every == 0 or step == args.steps):
             rows = evaluate(model, eval_images, device)
@@ -266,7 +292,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--aux-lr", type=float, default=1e-3)
-    p.add_argument("--decay-at", type=float, default=0.85, help="fraction of steps after which lr drops 10x")
+    p.add_argument("--decay-at", type=float, default=0.85, help="fraction of --steps (or of --max-minutes, whichever comes first) after which lr drops 10x")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
     p.add_argument("--N", type=int, default=ModelConfig.N)
     p.add_argument("--M", type=int, default=ModelConfig.M)

@@ -13,7 +13,8 @@
 # continuing from codecs/weights/gain-hyperprior.safetensors (done automatically when the
 # shipped weights were trained on a CPU: the GPU model is the full-size one), N and M.
 # Brings back under $OUT: gain-hyperprior.safetensors (copy it over the shipped file and
-# update codecs/weights/gain-hyperprior.md), train_log.csv and train.out.
+# update codecs/weights/gain-hyperprior.md), train_log.csv, train.out, and the cross-device
+# check's crossdevice.npz/.json and check.out (cluster/gpu/check_devices.py).
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/ratefit .
@@ -25,6 +26,11 @@ if [ "${FRESH:-0}" != 1 ] && [ -f "$shipped" ]; then
   [ "$device" != cpu ] && init=(--init "$shipped")
 fi
 python3 -m ratefit.jobs.train --data .train --out /tmp/run "${init[@]}" --N "${N:-128}" --M "${M:-192}" \
-  --steps 10000000 --max-minutes "${MINUTES:-8}" --batch-size 16 --crop 256 --lr 1e-4 \
+  --steps 10000000 --max-minutes "${MINUTES:-8}" --batch-size "${BATCH:-32}" --crop 256 --lr "${LR:-3e-4}" \
   --log-every 500 --ckpt-every 2000 --export "$OUT/gain-hyperprior.safetensors" 2>&1 | tee "$OUT/train.out"
 cp /tmp/run/train_log.csv "$OUT/"
+# Cross-device decode check and GPU stage timings with the weights just trained; verify the
+# payloads again here with: python cluster/gpu/check_devices.py --weights W --verify crossdevice.npz
+timeout "${CHECK_SECONDS:-90}" python3 cluster/gpu/check_devices.py --weights "$OUT/gain-hyperprior.safetensors" \
+  --images .train --out "$OUT" 2>&1 | tee "$OUT/check.out" || echo "device check failed or timed out"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv || true
