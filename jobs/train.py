@@ -271,7 +271,7 @@ def train(args: argparse.Namespace) -> int:
         data = export_weights(model, {
             "trained_steps": str(prior["steps"] + step), "train_hours": f"{prior['hours'] + hours:.3f}",
             "train_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "train_data": ",".join(Path(d).name for d in args.data)})
+            "train_data": ",".join(Path(d).resolve().name.lstrip(".") for d in args.data)})
         Path(args.export).parent.mkdir(parents=True, exist_ok=True)
         Path(args.export).write_bytes(data)
         print(f"wrote weights {args.export} ({len(data) / 1e6:.1f} MB)")

@@ -70,9 +70,9 @@ def test_kodak_learned_codec_rate_control_meets_targets(kodak_dir, tmp_path):
     1.5, never above the target, the median |achieved - target| / target at most 1%, and at
     most 1.5 real encodes per item on average; restored PNGs match the manifest's PSNR.
 
-    A target outside an image's reachable range (the CPU-trained preview weights do not
-    reach 0.1 bpp, nor 1.5 bpp on smooth images) must come back ``unreachable`` at the end
-    of the control range; targets of 0.5 and 1.0 bpp must be reachable for all 24."""
+    A target outside an image's reachable range (the shipped weights do not go down to 0.1
+    bpp on about half the images) must come back ``unreachable`` at the end of the control
+    range; targets of 0.5 and 1.0 bpp must be reachable for all 24."""
     import pyarrow.dataset as ds
 
     from ratefit.codecs.gain_hyperprior import BUNDLED_WEIGHTS, GainHyperpriorCodec
