@@ -33,6 +33,10 @@ def run(spec: JobSpec) -> dict[str, Any]:
     """Compress every input of ``spec`` and return the ``_SUCCESS`` summary."""
     if spec.kind != "compress":
         raise SpecError("recompress.run needs a spec of kind 'compress'")
+    if spec.is_budget:
+        from ratefit.jobs import budget
+
+        return budget.run(spec, plan_items)
     codec = get_codec(spec.codec, **spec.codec_options)   # fails fast on bad codec options
     config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_options,
                             target=spec.default_target(), storage_options=spec.storage_options,
@@ -75,6 +79,14 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-bpp", type=float, help="ceiling in bits per pixel, container included")
     g.add_argument("--target-bytes", type=float, help="ceiling in bytes per stored file")
     g.add_argument("--target-psnr", type=float, help="smallest output reaching this PSNR (dB)")
+    g.add_argument("--budget-bytes", type=float, help="one budget for the whole collection, in stored bytes: "
+                                                      "spread where it buys the most quality (equal slope)")
+    g.add_argument("--budget-bpp", type=float, help="the same budget as total bits over total pixels")
+    p.add_argument("--min-psnr", type=float, help="budget jobs: a PSNR floor for every image (dB)")
+    p.add_argument("--objective", choices=("psnr", "mse"), help="budget jobs: maximise the mean PSNR (default) "
+                                                                "or minimise the total squared error")
+    p.add_argument("--probes", type=int, help="budget jobs: R-D probes per image (default 10 for continuous "
+                                              "codecs, 12 for discrete ones)")
     p.add_argument("--extensions", help="comma-separated input extensions (default: common image formats)")
     p.add_argument("--max-pixels", type=int, help="refuse inputs above this many pixels (checked before decoding)")
     p.add_argument("--no-ms-ssim", dest="ms_ssim", action="store_false", default=None,
@@ -83,7 +95,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
-                "extensions", "max_pixels", "ms_ssim", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "extensions", "max_pixels", "ms_ssim", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress")
 
 
@@ -93,8 +105,8 @@ def spec_from_args(args: argparse.Namespace, kind: str = "compress") -> JobSpec:
     if getattr(args, "spec", None):
         data = load_spec_file(args.spec, getattr(args, "storage_options", None))
     given = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
-    if any(k.startswith("target_") for k in given):
-        for k in ("target_bpp", "target_bytes", "target_psnr"):
+    if any(k.startswith(("target_", "budget_")) for k in given):
+        for k in ("target_bpp", "target_bytes", "target_psnr", "budget_bytes", "budget_bpp"):
             data.pop(k, None)
     data.update(given)
     data["kind"] = kind
@@ -113,6 +125,11 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
     if s["input_bytes"]:
         parts.append(f"{s['input_bytes'] / 1e6:.2f} MB in, {s['output_bytes'] / 1e6:.2f} MB out")
     parts.append(f"{s['wall_s']:.1f} s")
+    if s.get("budget"):
+        b = s["budget"]
+        print(f"budget {b['budget_bytes']:.0f} bytes ({b['budget_bpp']:.4f} bpp): used {b['achieved_bytes']:.0f} "
+              f"({b['achieved_fraction']:.2%}); predicted mean PSNR {b['predicted_mean_psnr']:.2f} dB "
+              f"(uniform rate: {b['uniform_predicted_mean_psnr']:.2f} dB); {b['corrected_items']} item(s) corrected")
     if s["resumed_shards"]:
         parts.append(f"{s['resumed_shards']} shard(s) resumed from an earlier run")
     print("; ".join(parts))

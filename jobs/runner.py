@@ -32,6 +32,7 @@ from ratefit.workers.storage import atomic_write, open_fs, redact
 log = logging.getLogger("ratefit")
 JOB_RECORD = "_ratefit_job.json"
 SUCCESS = "_SUCCESS"
+PLAN_DIR = "_plan"   # a budget job's probes, allocation and correction pass
 MAX_ATTEMPTS = 3
 IN_FLIGHT_PER_WORKER = 2
 
@@ -76,7 +77,7 @@ def _prepare_output(spec: JobSpec, fs, root: str) -> None:
     manifest = f"{root}/{MANIFEST_DIR}"
     fs.invalidate_cache(root)
     if spec.overwrite:
-        for path in (manifest, f"{root}/{SUCCESS}", record_path):
+        for path in (manifest, f"{root}/{PLAN_DIR}", f"{root}/{SUCCESS}", record_path):
             if fs.exists(path):
                 fs.rm(path, recursive=True)
     elif fs.exists(record_path):
@@ -107,16 +108,29 @@ def _failed_rows(shard: Shard, schema, attempt: int, reason: str) -> list[dict]:
 def run_shards(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
                codec_device: str = "cpu") -> dict[str, Any]:
     """Process ``shards`` on a pool of ShardWorker actors and finish the job."""
+    t_start = time.time()
+    state = run_pass(spec, shards, worker_config, schema, codec_device)
+    fs, root = open_fs(spec.output, spec.storage_options)
+    return finish(spec, fs, root, state, time.time() - t_start)
+
+
+def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema, codec_device: str = "cpu",
+             manifest_dir: str = MANIFEST_DIR, label: str | None = None) -> RunState:
+    """Process ``shards`` until each has a committed part under ``OUTPUT/manifest_dir``.
+
+    One pass of a job: a plain job has one; a budget job has a probe pass, the encode pass
+    and a correction pass, each with its own parts folder (so each resumes on its own).
+    ``worker_config.manifest_dir`` must name the same folder.
+    """
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    t_start = time.time()
     fs, root = open_fs(spec.output, spec.storage_options)
-    manifest_root = f"{root}/{MANIFEST_DIR}"
+    manifest_root = f"{root}/{manifest_dir}"
     _prepare_output(spec, fs, root)
     started = connect(spec.address)
     state = RunState()
-    progress = Progress(spec.progress, "compress" if spec.kind == "compress" else "decompress")
+    progress = Progress(spec.progress, label or ("compress" if spec.kind == "compress" else "decompress"))
     slots: list[_Slot] = []
     try:
         gpus = spec.gpus_per_worker
@@ -183,8 +197,7 @@ def run_shards(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schem
                 pass
         if started:
             ray.shutdown()
-    summary = _finish(spec, fs, root, state, time.time() - t_start)
-    return summary
+    return state
 
 
 def _mean(values: list[float]) -> float | None:
@@ -192,12 +205,18 @@ def _mean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def _finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float) -> dict[str, Any]:
-    manifest_root = f"{root}/{MANIFEST_DIR}"
+def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifest_dir: str = MANIFEST_DIR,
+           extra: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
+    """Check that every planned shard has exactly its part, summarise, and write ``_SUCCESS``.
+
+    ``write=False`` only checks and summarises (a budget job's intermediate passes);
+    ``extra`` adds fields to the summary (a budget job's plan).
+    """
+    manifest_root = f"{root}/{manifest_dir}"
     committed = existing_parts(fs, manifest_root)
     stray = sorted(committed - set(state.planned))
     if stray:
-        raise JobError(f"{len(stray)} manifest part(s) in {redact(spec.output)}/{MANIFEST_DIR} are not in this plan "
+        raise JobError(f"{len(stray)} manifest part(s) in {redact(spec.output)}/{manifest_dir} are not in this plan "
                        f"(e.g. {part_name(stray[0])}): the input changed since they were written; "
                        "re-run with --overwrite")
     statuses: Counter[str] = Counter()
@@ -240,5 +259,7 @@ def _finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float) -> dic
     if spec.kind == "compress":
         summary.update(mean_bpp=_mean(bpps), mean_psnr=_mean(psnrs), mean_ms_ssim=_mean(ssims),
                        lossless_items=sum(1 for p in psnrs if math.isinf(p)))
-    atomic_write(fs, f"{root}/{SUCCESS}", json.dumps(summary, indent=2, allow_nan=False).encode())
+    summary.update(extra or {})
+    if write:
+        atomic_write(fs, f"{root}/{SUCCESS}", json.dumps(summary, indent=2, allow_nan=False).encode())
     return summary

@@ -26,6 +26,9 @@ DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp",
 LISTING_SUFFIXES = (".parquet", ".csv")
 _HASHED = ("kind", "input", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
            "extensions", "shard_size", "max_pixels", "ms_ssim")
+# Hashed only when set, so specs without a budget keep the hashes they had before budgets existed.
+_HASHED_IF_SET = {"budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr", "probes": None}
+OBJECTIVES = ("psnr", "mse")   # a budget job maximises mean PSNR over items, or minimises total squared error
 
 
 class SpecError(ValueError):
@@ -42,6 +45,11 @@ class JobSpec:
     target_bpp: float | None = None
     target_bytes: float | None = None
     target_psnr: float | None = None
+    budget_bytes: float | None = None   # one budget for the whole collection (stored files, headers included)
+    budget_bpp: float | None = None     # ... as total bits over total pixels
+    min_psnr: float | None = None       # budget jobs: a quality floor per image
+    objective: str = "psnr"
+    probes: int | None = None           # budget jobs: probe values per image (default by codec kind)
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     shard_size: int = 16
     workers: int | None = None         # actors; default: one per CPU (or per GPU for GPU codecs)
@@ -73,9 +81,25 @@ class JobSpec:
             except (TypeError, ValueError) as e:
                 raise SpecError(f"{k}: {e}") from None
             setattr(self, k, float(getattr(self, k)))
-        if self.kind == "compress" and not given and not self.is_listing:
-            raise SpecError("no target: give --target-bpp, --target-bytes or --target-psnr "
-                            "(or a listing file with per-item target_* columns)")
+        budgets = [k for k in ("budget_bytes", "budget_bpp") if getattr(self, k) is not None]
+        if len(budgets) > 1 or (budgets and given):
+            raise SpecError(f"give one of a job-wide target or a budget, got {', '.join(given + budgets)}")
+        for k in budgets + (["min_psnr"] if self.min_psnr is not None else []):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise SpecError(f"{k}: must be a positive number, got {v!r}")
+            setattr(self, k, float(v))
+        if self.min_psnr is not None and not budgets:
+            raise SpecError("min_psnr is a floor for budget jobs: give --budget-bytes or --budget-bpp "
+                            "(for one image at a quality, use --target-psnr)")
+        if self.objective not in OBJECTIVES:
+            raise SpecError(f"objective: must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.probes is not None and (not isinstance(self.probes, int) or isinstance(self.probes, bool)
+                                        or not 2 <= self.probes <= 64):
+            raise SpecError(f"probes: must be an integer within 2..64, got {self.probes!r}")
+        if self.kind == "compress" and not given and not budgets and not self.is_listing:
+            raise SpecError("no target: give --target-bpp, --target-bytes or --target-psnr, a budget "
+                            "(--budget-bytes, --budget-bpp), or a listing file with per-item target_* columns")
         if isinstance(self.extensions, str):
             self.extensions = tuple(e.strip() for e in self.extensions.split(",") if e.strip())
         self.extensions = tuple(("." + e.lstrip(".")).lower() for e in self.extensions)
@@ -107,6 +131,10 @@ class JobSpec:
     def is_listing(self) -> bool:
         return self.input.lower().endswith(LISTING_SUFFIXES)
 
+    @property
+    def is_budget(self) -> bool:
+        return self.budget_bytes is not None or self.budget_bpp is not None
+
     def default_target(self) -> Target | None:
         for kind in ("bpp", "bytes", "psnr"):
             v = getattr(self, f"target_{kind}")
@@ -129,7 +157,9 @@ class JobSpec:
         # Unredacted: two specs differing only in a secret-looking codec option are different
         # jobs. The hash is one-way, so nothing secret can be read back from it.
         d = self.to_dict(redacted=False)
-        payload = json.dumps({k: d[k] for k in _HASHED}, sort_keys=True, separators=(",", ":"))
+        fields = {k: d[k] for k in _HASHED}
+        fields.update({k: d[k] for k, default in _HASHED_IF_SET.items() if d[k] != default})
+        payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()
 
     @classmethod

@@ -15,15 +15,18 @@ from ratefit.workers.compress import CompressConfig, Compressor
 from ratefit.workers.decompress import DecompressConfig, Decompressor
 from ratefit.workers.items import Shard
 from ratefit.workers.manifest import MANIFEST_DIR, write_part
+from ratefit.workers.probe import ProbeConfig, Prober
 
 
 class ShardWorker:
-    def __init__(self, config: CompressConfig | DecompressConfig):
+    def __init__(self, config: CompressConfig | DecompressConfig | ProbeConfig):
         if isinstance(config, CompressConfig):
-            self.processor: Compressor | Decompressor = Compressor(config)
+            self.processor: Compressor | Decompressor | Prober = Compressor(config)
+        elif isinstance(config, ProbeConfig):
+            self.processor = Prober(config)
         else:
             self.processor = Decompressor(config)
-        self.manifest_root = f"{self.processor.out_root}/{MANIFEST_DIR}"
+        self.manifest_root = f"{self.processor.out_root}/{getattr(config, 'manifest_dir', MANIFEST_DIR)}"
 
     def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
         rows = [self.processor(item, shard.index, attempt) for item in shard.items]

@@ -15,8 +15,8 @@ from ratefit.codecs.metrics import ms_ssim, psnr
 from ratefit.codecs.rate import Target, search
 from ratefit.codecs.registry import get_codec
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import COMPRESS_SCHEMA, empty_row
-from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, decode_image, read_bytes
+from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
+from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
 from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
 
 
@@ -29,6 +29,7 @@ class CompressConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = DEFAULT_MAX_PIXELS
     ms_ssim: bool = True
+    manifest_dir: str = MANIFEST_DIR    # a budget job's correction pass commits its rows elsewhere
 
 
 class Compressor:
@@ -63,12 +64,7 @@ class Compressor:
                 raise ItemError("plan", "no target: give --target-bpp/--target-bytes/--target-psnr "
                                         "or a target_* column in the listing")
             stage = "read"
-            in_fs, in_path = open_fs(item.uri, self.config.storage_options)
-            data = read_bytes(in_fs, in_path)
-            row["input_bytes"] = len(data)
-            stage = "decode"
-            image = decode_image(data, self.config.max_pixels)
-            del data
+            image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
             h, w = image.height, image.width
             row.update(width=w, height=h, original_mode=image.original_mode)
 

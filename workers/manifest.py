@@ -45,6 +45,21 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("shard", pa.int32()),
 ])
 
+# A budget job's probe pass (``OUTPUT/_plan/probes/``): each image's R-D curve at a few
+# control values, predicted stored bytes and PSNR, in probe order.
+PROBE_SCHEMA = pa.schema(_COMMON + [
+    ("codec", pa.string()),
+    ("target_kind", pa.string()),      # a listing's per-item target: a cap (bytes/bpp) or a floor (psnr)
+    ("target_value", pa.float64()),
+    ("probe_value", pa.list_(pa.float64())),
+    ("probe_bytes", pa.list_(pa.float64())),
+    ("probe_psnr", pa.list_(pa.float64())),
+    ("probe_exact", pa.bool_()),       # sizes from real encodes (classical codecs) or the rate model
+    ("probe_ms", pa.float64()),
+    ("attempt", pa.int32()),
+    ("shard", pa.int32()),
+])
+
 DECOMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("codec", pa.string()),
     ("decode_ms", pa.float64()),

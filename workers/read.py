@@ -113,3 +113,17 @@ def read_bytes(fs, path: str) -> bytes:
         raise ItemError("read", f"not found: {path}") from None
     except Exception as e:
         raise ItemError("read", f"{type(e).__name__}: {e}") from None
+
+
+def read_image(item, storage_options: dict | None, max_pixels: int) -> tuple[DecodedImage, int]:
+    """Fetch and decode one planned item: (image, input bytes). Raises ItemError naming the stage."""
+    from ratefit.workers.storage import open_fs
+
+    if item.error:
+        raise ItemError("plan", item.error)
+    try:
+        in_fs, in_path = open_fs(item.uri, storage_options)
+    except Exception as e:
+        raise ItemError("read", f"{type(e).__name__}: {e}") from None
+    data = read_bytes(in_fs, in_path)
+    return decode_image(data, max_pixels), len(data)

@@ -1,0 +1,65 @@
+"""A budget job's first pass: probe each image's rate–distortion curve, write no bitstreams.
+
+Runs on the same shard actors as compression (same read/decode policy, same codec), one row
+per item in ``OUTPUT/_plan/probes/``; failures become rows that the encode pass repeats as
+errors, so every input still gets exactly one manifest row.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ratefit.codecs import container
+from ratefit.codecs.probe import probe, probe_values
+from ratefit.codecs.registry import get_codec
+from ratefit.workers.items import Item
+from ratefit.workers.manifest import PROBE_SCHEMA, empty_row
+from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
+from ratefit.workers.storage import open_fs, redact
+
+PROBES_DIR = "_plan/probes"
+
+
+@dataclass
+class ProbeConfig:
+    output: str
+    codec: str
+    codec_options: dict[str, Any] = field(default_factory=dict)
+    probes: int | None = None          # values per image; None: the codec kind's default
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    manifest_dir: str = PROBES_DIR
+
+
+class Prober:
+    schema = PROBE_SCHEMA
+
+    def __init__(self, config: ProbeConfig):
+        self.config = config
+        self.codec = get_codec(config.codec, **config.codec_options)
+        self.values = probe_values(self.codec.control, config.probes)
+        self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
+
+    def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
+        codec = self.codec
+        row = empty_row(PROBE_SCHEMA)
+        row.update(input_uri=redact(item.uri), codec=codec.name, attempt=attempt, shard=shard,
+                   target_kind=item.target.kind if item.target else None,
+                   target_value=item.target.value if item.target else None)
+        try:
+            image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
+            row.update(width=image.width, height=image.height)
+            t0 = time.perf_counter()
+            prepared = codec.prepare(image.pixels)
+            overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
+            points = [probe(codec, prepared, image.pixels, v, overhead) for v in self.values]
+            row.update(status="ok", probe_value=[p.value for p in points],
+                       probe_bytes=[p.stored_bytes for p in points], probe_psnr=[p.psnr for p in points],
+                       probe_exact=all(p.exact for p in points), probe_ms=(time.perf_counter() - t0) * 1000.0)
+        except ItemError as e:
+            row.update(status="error", error=redact(str(e)))
+        except Exception as e:   # a codec failure on this item only
+            row.update(status="error", error=redact(f"probe: {type(e).__name__}: {e}"))
+        return row
