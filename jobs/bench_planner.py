@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rate, quality = synthetic_tables(args.items, args.probes)
     budget = float(np.median(rate, axis=1).sum())
-    for continuous in (True, False):
+    for continuous, curve in ((True, "log"), (True, "linear"), (False, "linear")):
         t0 = time.perf_counter()
-        out = allocate(rate, quality, budget, continuous=continuous)
+        out = allocate(rate, quality, budget, continuous=continuous, curve=curve)
         dt = time.perf_counter() - t0
-        print(f"{'continuous' if continuous else 'discrete':<10} {args.items} items x {args.probes} probes: "
+        kind = f"continuous, {curve}" if continuous else "discrete"
+        print(f"{kind:<18} {args.items} items x {args.probes} probes: "
               f"{dt:.2f} s, {out.total / budget:.6%} of the budget, slope {out.slope:.3g}")
     return 0
 

@@ -54,6 +54,7 @@ CORRECTION_LIST = f"{PLAN_DIR}/correction.parquet"
 CORRECTION_JSON = f"{PLAN_DIR}/correction.json"
 LANDING = (0.99, 1.0)          # the achieved total must land in this fraction of the budget
 CORRECTION_AIM = 0.996         # a correction aims here: inside LANDING with room for the search's 0.5%
+CURVE = "log"                  # continuous codecs: PSNR runs linearly in log-rate between probes
 CORRECTION_STEP = 0.05         # no corrected image's target moves by more than this fraction
 
 
@@ -143,7 +144,7 @@ def make_plan(spec: JobSpec, probes: Probes, continuous: bool) -> tuple[pa.Table
         min_q = np.where(np.isfinite(floors), _quality(np.nan_to_num(floors, nan=0.0), px, spec.objective), -np.inf)
     cap = probes.cap[ok]
     result = allocate(probes.rate[ok], q, budget, continuous=continuous, min_quality=min_q,
-                      max_rate=cap if np.isfinite(cap).any() else None)
+                      max_rate=cap if np.isfinite(cap).any() else None, curve=CURVE)
     if not result.feasible:
         raise JobError(f"the budget of {budget:.0f} bytes cannot hold even the smallest allowed files "
                        f"({result.total:.0f} bytes{' at --min-psnr' if spec.min_psnr else ''}); raise the "
@@ -177,7 +178,7 @@ def allocate_quality_at(rate: np.ndarray, quality: np.ndarray, at: np.ndarray, c
     from ratefit.codecs.allocate import _hull_quality
 
     lo = np.nanmin(rate, axis=1)
-    return _hull_quality(rate, quality, np.maximum(at, lo), continuous)
+    return _hull_quality(rate, quality, np.maximum(at, lo), continuous, log_curve=continuous and CURVE == "log")
 
 
 def _load_or_make_plan(spec: JobSpec, fs, root: str, continuous: bool) -> tuple[pa.Table, dict[str, Any]]:
