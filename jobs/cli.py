@@ -1,4 +1,4 @@
-"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, eval, demo."""
+"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, eval, report, demo."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _codecs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ratefit.jobs import decompress, demo, evaluate, recompress, train
+    from ratefit.jobs import decompress, demo, evaluate, recompress, report, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_train_arguments(pt)
     pe = sub.add_parser("eval", help="rate-distortion curves and BD-rates of codecs on a folder of photos")
     evaluate.add_eval_arguments(pe)
+    pr = sub.add_parser("report", help="an HTML report (plots, summary, errors) of a finished compress job")
+    report.add_report_arguments(pr)
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
     pm.add_argument("output", nargs="?", default="demo-output")
     pm.add_argument("--target-bpp", type=float, default=0.5)
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate.run(args)
     if args.command == "train":
         return train.run(args)
+    if args.command == "report":
+        return run_guarded(lambda: report.run(args))
     if args.command == "demo":
         return run_guarded(lambda: demo.run_demo(args.output, args.target_bpp))
     return 2
