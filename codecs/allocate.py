@@ -109,6 +109,17 @@ def allocate(rate: np.ndarray, quality: np.ndarray, budget: float, *, continuous
     return _result(r, q, alloc, 0.5 * (lam_lo + lam_hi), True, continuous, log_curve)
 
 
+def quality_at(rate: np.ndarray, quality: np.ndarray, at: np.ndarray, *, continuous: bool = True,
+               curve: str = "linear") -> np.ndarray:
+    """Each item's quality at a given rate on its probe curve (e.g. what a uniform split would buy).
+
+    Rates below an item's lowest probe are read at that probe.
+    """
+    r, q = _clean(rate, quality)
+    at = np.maximum(np.asarray(at, float), np.nanmin(r, axis=1))
+    return _hull_quality(r, q, at, continuous, continuous and curve == "log")
+
+
 def _sorted_by_rate(r: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     order = np.argsort(np.where(np.isnan(r), np.inf, r), axis=1)
     return np.take_along_axis(r, order, axis=1), np.take_along_axis(q, order, axis=1)

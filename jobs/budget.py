@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ratefit.codecs.allocate import allocate
+from ratefit.codecs.allocate import allocate, quality_at
 from ratefit.codecs.rate import Target
 from ratefit.codecs.registry import get_codec
 from ratefit.cluster.connect import connect
@@ -150,7 +150,7 @@ def make_plan(spec: JobSpec, probes: Probes, continuous: bool) -> tuple[pa.Table
                        f"({result.total:.0f} bytes{' at --min-psnr' if spec.min_psnr else ''}); raise the "
                        "budget or lower the floor, with --overwrite (the probes are redone)")
     uniform = np.minimum(budget * px / px.sum(), cap)
-    uniform_q = allocate_quality_at(probes.rate[ok], q, uniform, continuous)
+    uniform_q = quality_at(probes.rate[ok], q, uniform, continuous=continuous, curve=CURVE)
     alloc = np.full(len(ok), np.nan)
     alloc[ok] = result.rate
     predicted = np.full(len(ok), np.nan)
@@ -171,14 +171,6 @@ def make_plan(spec: JobSpec, probes: Probes, continuous: bool) -> tuple[pa.Table
         "uniform_predicted_mean_psnr": float(np.mean(uniform_psnr[ok])),
     }
     return table, summary
-
-
-def allocate_quality_at(rate: np.ndarray, quality: np.ndarray, at: np.ndarray, continuous: bool) -> np.ndarray:
-    """Hull quality at given rates (the uniform allocation's predicted quality, for reports)."""
-    from ratefit.codecs.allocate import _hull_quality
-
-    lo = np.nanmin(rate, axis=1)
-    return _hull_quality(rate, quality, np.maximum(at, lo), continuous, log_curve=continuous and CURVE == "log")
 
 
 def _load_or_make_plan(spec: JobSpec, fs, root: str, continuous: bool) -> tuple[pa.Table, dict[str, Any]]:
