@@ -32,6 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ratefit.codecs.allocate import allocate, quality_at
@@ -39,11 +40,11 @@ from ratefit.codecs.rate import Target
 from ratefit.codecs.registry import get_codec
 from ratefit.cluster.connect import connect
 from ratefit.jobs.plan import shard
-from ratefit.jobs.runner import PLAN_DIR, JobError, finish, run_pass
+from ratefit.jobs.runner import PLAN_DIR, JobError, finish, run_pass, write_success
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, PROBE_SCHEMA, part_name, write_part
+from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, PROBE_SCHEMA, part_name, read_parts, write_part
 from ratefit.workers.probe import PROBES_DIR, ProbeConfig
 from ratefit.workers.storage import atomic_write, open_fs, redact
 
@@ -72,14 +73,6 @@ class Probes:
     floor_db: np.ndarray      # (n,) dB (nan = none), from a listing's target_psnr (--min-psnr is added in the plan)
 
 
-def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
-    """Every committed part under ``folder``, in shard order: rows in planning order."""
-    fs.invalidate_cache(folder)
-    names = sorted(n for n in fs.ls(folder, detail=False) if n.rsplit("/", 1)[-1].startswith("part-"))
-    tables = [pq.read_table(io.BytesIO(fs.cat_file(n)), columns=columns) for n in names]
-    return pa.concat_tables(tables) if tables else pa.table({})
-
-
 def _padded(column: pa.ChunkedArray, ok: np.ndarray, k: int) -> np.ndarray:
     out = np.full((len(ok), k), np.nan)
     values = column.combine_chunks().flatten().to_numpy(zero_copy_only=False)
@@ -92,17 +85,16 @@ def load_probes(fs, root: str) -> Probes:
     t = read_parts(fs, f"{root}/{PROBES_DIR}")
     if t.num_rows == 0:
         raise JobError("the input holds no images: nothing to plan a budget over")
-    status = np.asarray(t["status"].to_pylist(), dtype=object)
-    ok = status == "ok"
-    lengths = {len(v) for v, good in zip(t["probe_bytes"].to_pylist(), ok) if good}
+    ok = pc.fill_null(pc.equal(t["status"], "ok"), False).to_numpy(zero_copy_only=False)
+    lengths = np.unique(pc.list_value_length(t["probe_bytes"]).to_numpy(zero_copy_only=False)[ok])
     if len(lengths) > 1:
-        raise JobError(f"probe parts disagree on the number of probes per image ({sorted(lengths)}); "
+        raise JobError(f"probe parts disagree on the number of probes per image ({lengths.tolist()}); "
                        "re-run with --overwrite")
-    k = lengths.pop() if lengths else 1
+    k = int(lengths[0]) if len(lengths) else 1
     w = np.nan_to_num(t["width"].to_numpy(zero_copy_only=False).astype(float))
     h = np.nan_to_num(t["height"].to_numpy(zero_copy_only=False).astype(float))
     pixels = w * h
-    kinds = np.asarray(t["target_kind"].to_pylist(), dtype=object)
+    kinds = pc.fill_null(t["target_kind"], "").to_numpy(zero_copy_only=False).astype(str)
     values = t["target_value"].to_numpy(zero_copy_only=False).astype(float)
     cap = np.full(len(ok), np.inf)
     cap = np.where(kinds == "bytes", np.floor(values), cap)
@@ -160,7 +152,8 @@ def make_plan(spec: JobSpec, probes: Probes, continuous: bool) -> tuple[pa.Table
     uniform_psnr = np.full(len(ok), np.nan)
     uniform_psnr[ok] = _to_psnr(uniform_q, px, spec.objective)
     table = pa.table({"input_uri": probes.uri, "ok": ok, "pixels": probes.pixels, "alloc_bytes": alloc,
-                      "predicted_psnr": predicted, "uniform_bytes": uniform_bytes, "uniform_psnr": uniform_psnr})
+                      "predicted_psnr": predicted, "uniform_bytes": uniform_bytes, "uniform_psnr": uniform_psnr,
+                      "cap_bytes": probes.cap})
     summary = {
         "spec_hash": spec.spec_hash(), "objective": spec.objective, "min_psnr": spec.min_psnr,
         "budget_bytes": float(budget), "budget_bpp": float(budget * 8.0 / px.sum()),
@@ -295,23 +288,21 @@ def run(spec: JobSpec, plan_items) -> dict[str, Any]:
                                        ms_ssim=spec.ms_ssim)
         state = run_pass(spec, shard(_with_targets(plan_items(spec), plan), spec.shard_size), encode_config,
                          COMPRESS_SCHEMA, device, label="encode")
-        finish(spec, fs, root, state, 0.0, write=False)
-        rows = read_parts(fs, f"{root}/{MANIFEST_DIR}", ["status", "output_bytes"]).to_pydict()
-        encoded_bytes = float(_stored_bytes(rows).sum())
-        correction = _correct(spec, fs, root, plan, plan_summary, rows, encode_config, device, plan_items)
-        rows = read_parts(fs, f"{root}/{MANIFEST_DIR}", ["status", "output_bytes", "psnr"]).to_pydict()
+        encoded_bytes = float(finish(spec, fs, root, state, 0.0, write=False)["output_bytes"])
+        correction = _correct(spec, fs, root, plan, plan_summary, encode_config, device, plan_items)
     finally:
         if started:
             ray.shutdown()
-    achieved = float(_stored_bytes(rows).sum())
-    budget = plan_summary["budget_bytes"]
-    extra = {"budget": {**{k: v for k, v in plan_summary.items() if k != "spec_hash"},
-                        "encoded_bytes_before_correction": encoded_bytes, "achieved_bytes": achieved,
-                        "achieved_fraction": achieved / budget, **correction}}
-    return finish(spec, fs, root, state, time.time() - t_start, extra=extra)
+    summary = finish(spec, fs, root, state, time.time() - t_start, write=False)
+    achieved = float(summary["output_bytes"])
+    summary["budget"] = {**{k: v for k, v in plan_summary.items() if k != "spec_hash"},
+                         "encoded_bytes_before_correction": encoded_bytes, "achieved_bytes": achieved,
+                         "achieved_fraction": achieved / plan_summary["budget_bytes"], **correction}
+    write_success(fs, root, summary)
+    return summary
 
 
-def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[str, Any], rows: dict[str, list],
+def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[str, Any],
              encode_config: CompressConfig, device: str, plan_items) -> dict[str, Any]:
     done_path, list_path = f"{root}/{CORRECTION_JSON}", f"{root}/{CORRECTION_LIST}"
     if fs.exists(done_path):
@@ -320,8 +311,9 @@ def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[st
         chosen = pq.read_table(io.BytesIO(fs.cat_file(list_path))).to_pydict()
         targets = dict(zip(chosen["index"], chosen["target_bytes"]))
     else:
-        probes_cap = load_probes(fs, root).cap
-        targets = choose_corrections(rows, plan_summary["budget_bytes"], probes_cap)
+        rows = read_parts(fs, f"{root}/{MANIFEST_DIR}", ["status", "output_bytes"]).to_pydict()
+        targets = choose_corrections(rows, plan_summary["budget_bytes"],
+                                     plan["cap_bytes"].to_numpy(zero_copy_only=False))
         buf = io.BytesIO()
         pq.write_table(pa.table({"index": pa.array(sorted(targets), pa.int64()),
                                  "target_bytes": [targets[i] for i in sorted(targets)]}), buf)

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ratefit.jobs.budget import ALLOCATION, read_parts
+from ratefit.jobs.budget import ALLOCATION
 from ratefit.jobs.runner import SUCCESS, JobError
-from ratefit.workers.manifest import MANIFEST_DIR
+from ratefit.workers.manifest import MANIFEST_DIR, read_parts
 from ratefit.workers.storage import atomic_write, open_fs, redact
 
 REPORT = "report.html"

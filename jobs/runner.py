@@ -206,11 +206,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifest_dir: str = MANIFEST_DIR,
-           extra: dict[str, Any] | None = None, write: bool = True) -> dict[str, Any]:
+           write: bool = True) -> dict[str, Any]:
     """Check that every planned shard has exactly its part, summarise, and write ``_SUCCESS``.
 
-    ``write=False`` only checks and summarises (a budget job's intermediate passes);
-    ``extra`` adds fields to the summary (a budget job's plan).
+    ``write=False`` only checks and summarises (a budget job's passes; it adds its plan to the
+    summary and commits it with ``write_success``).
     """
     manifest_root = f"{root}/{manifest_dir}"
     committed = existing_parts(fs, manifest_root)
@@ -259,7 +259,11 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
     if spec.kind == "compress":
         summary.update(mean_bpp=_mean(bpps), mean_psnr=_mean(psnrs), mean_ms_ssim=_mean(ssims),
                        lossless_items=sum(1 for p in psnrs if math.isinf(p)))
-    summary.update(extra or {})
     if write:
-        atomic_write(fs, f"{root}/{SUCCESS}", json.dumps(summary, indent=2, allow_nan=False).encode())
+        write_success(fs, root, summary)
     return summary
+
+
+def write_success(fs, root: str, summary: dict[str, Any]) -> None:
+    """Commit the whole job: ``_SUCCESS`` exists only once every planned item has its row."""
+    atomic_write(fs, f"{root}/{SUCCESS}", json.dumps(summary, indent=2, allow_nan=False).encode())

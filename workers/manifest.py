@@ -105,3 +105,11 @@ def existing_parts(fs, manifest_root: str) -> set[int]:
             except ValueError:
                 continue
     return done
+
+
+def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
+    """Every committed part under ``folder``, in shard order: rows in planning order."""
+    fs.invalidate_cache(folder)
+    names = sorted(n for n in fs.ls(folder, detail=False) if n.rstrip("/").rsplit("/", 1)[-1].startswith("part-"))
+    tables = [pq.read_table(io.BytesIO(fs.cat_file(n)), columns=columns) for n in names]
+    return pa.concat_tables(tables) if tables else pa.table({})
