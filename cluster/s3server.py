@@ -87,7 +87,10 @@ class S3Server:
                 "AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
 
     def start(self, timeout: float = 60.0) -> "S3Server":
-        master, volume, filer, s3 = self.ports = _free_ports(4)
+        """Start the server; after ``stop()`` it comes back on the same ports with the same data."""
+        if not self.ports:
+            self.ports = _free_ports(4)
+        master, volume, filer, s3 = self.ports
         self.port = s3
         data = Path(self.data_dir)
         data.mkdir(parents=True, exist_ok=True)
@@ -98,9 +101,12 @@ class S3Server:
         cmd = [weed_binary(), "server", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3", f"-s3.port={s3}", f"-s3.config={config}", "-master.volumeSizeLimitMB=256",
-               "-volume.max=64", "-s3.iam=false"]
+               "-volume.max=64", "-s3.iam=false",
+               # Newer weed also opens Iceberg and Lance catalog listeners on fixed ports (8181,
+               # 9101); off, so two servers (or a restart while the old one exits) never collide.
+               "-s3.port.iceberg=0", "-s3.port.lance=0"]
         self.log_path = data / "weed.log"
-        log = open(self.log_path, "wb")
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout

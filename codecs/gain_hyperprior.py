@@ -23,13 +23,18 @@ import numpy as np
 import torch
 
 from ratefit.codecs.base import CodecError, ControlRange
-from ratefit.codecs.gained import EXTRAPOLATE, GainedHyperprior, ModelConfig, pad_to_multiple, z_shape_for
+from ratefit.codecs.gained import (EXTRAPOLATE, PAD_MULTIPLE, GainedHyperprior, ModelConfig, pad_to_multiple,
+                                   z_shape_for)
 from ratefit.codecs.registry import register
 from ratefit.codecs.weights import WeightsError, bundled_path, read_weights, weights_bytes
 
 NAME = "gain-hyperprior"
 BUNDLED_WEIGHTS = "gain-hyperprior.safetensors"
 _LEN = struct.Struct("<I")
+# Images wider or taller than this go through the transforms in tiles (with a halo, so the
+# result matches the whole-image one): memory stays bounded for any size. Changing it does
+# not change the format; encoder and decoder only need the same value for bit-exact output.
+DEFAULT_TILE = 2048
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,11 +92,15 @@ class GainHyperpriorCodec:
     preferred_device = "cuda"   # the runner asks for a GPU per actor when the cluster has one
 
     def __init__(self, weights: str | None = None, device: str = "auto", threads: int | None = None,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, tile: int = DEFAULT_TILE):
         url = weights or bundled_path(BUNDLED_WEIGHTS)
         if url is None:
             raise CodecError(f"{NAME}: no weights bundled with this install; pass "
                              f"--codec-options '{{\"weights\": \"PATH\"}}' (train them with `ratefit train`)")
+        if not isinstance(tile, int) or isinstance(tile, bool) or tile < 0 or tile % PAD_MULTIPLE:
+            raise CodecError(f"{NAME}: tile must be 0 (never tile) or a positive multiple of {PAD_MULTIPLE} "
+                             f"pixels, got {tile!r}")
+        self.tile = tile
         if threads:
             torch.set_num_threads(int(threads))
         self._device = resolve_device(device)
@@ -113,7 +122,7 @@ class GainHyperpriorCodec:
     def prepare(self, image: np.ndarray) -> Prepared:
         h, w = image.shape[:2]
         with self._lock:
-            y = self.model.analyse(pad_to_multiple(self._to_tensor(image)))
+            y = self.model.analyse(pad_to_multiple(self._to_tensor(image)), self.tile)
         return Prepared(y=y, width=w, height=h)
 
     @torch.inference_mode()
@@ -131,7 +140,7 @@ class GainHyperpriorCodec:
     def reconstruct(self, prepared: Prepared, value: float) -> np.ndarray:
         """What decoding the encode at ``value`` gives, without entropy coding (R-D probes)."""
         with self._lock:
-            x_hat = self.model.reconstruct(prepared.y, value)
+            x_hat = self.model.reconstruct(prepared.y, value, self.tile)
         return _to_pixels(x_hat, prepared.width, prepared.height)
 
     @torch.inference_mode()
@@ -144,14 +153,29 @@ class GainHyperpriorCodec:
                              f"{len(payload) - _LEN.size} follow")
         if not (self.control.low <= value <= self.control.high):
             raise CodecError(f"{NAME} level {value!r} is outside {self.control.low:g}..{self.control.high:g}")
-        z = payload[_LEN.size:_LEN.size + zlen]
-        y = payload[_LEN.size + zlen:]
+        zh, zw = z_shape_for(height, width)
+        cfg = self.model.config
+        z = _guarded(payload[_LEN.size:_LEN.size + zlen], cfg.N * zh * zw)
+        y = _guarded(payload[_LEN.size + zlen:], cfg.M * 16 * zh * zw)
         with self._lock:
             try:
-                x_hat = self.model.decompress_latent(z, y, z_shape_for(height, width), value, self._device)
+                x_hat = self.model.decompress_latent(z, y, (zh, zw), value, self._device, self.tile)
             except (RuntimeError, ValueError) as e:
                 raise CodecError(f"{NAME} payload does not decode: {e}") from e
         return _to_pixels(x_hat, width, height)
+
+
+def _guarded(stream: bytes, symbols: int) -> bytes:
+    """``stream`` followed by enough zero words that a corrupt stream never reads past its buffer.
+
+    CompressAI's rANS decoder reads 32-bit words without a bounds check: a valid stream
+    ends exactly where its last symbol does, but a truncated or forged one would read on
+    into whatever memory follows. Each symbol reads at most one renormalisation word, and
+    escape (bypass) runs read at most 15 count nibbles per nibble of real data, so this
+    much zero padding holds every read a stream of this length can make; inside the zeros
+    the bypass counts end at once. Valid streams decode identically (the tail is unread).
+    """
+    return stream + bytes(16 * len(stream) + 8 * symbols + 256)
 
 
 def _to_pixels(x_hat: torch.Tensor, width: int, height: int) -> np.ndarray:

@@ -40,6 +40,10 @@ PAD_MULTIPLE = 64   # g_a downsamples by 16 and h_a by another 4
 # counting the padding's worst case keeps the estimate just above the real size.
 STREAM_FLUSH_BYTES = 8
 EXTRAPOLATE = 1.0   # rate levels usable beyond each end of the trained ones
+LATENT_STRIDE = 16  # pixels per latent position (g_a downsamples four times by 2)
+# Context around a tile: g_a sees 30 px each side and g_s under 2 latents each side, so a
+# 64 px (4 latent) halo makes each tile's inner part equal to the whole-image result.
+TILE_HALO = 64
 
 
 def geometric_lambdas(low: float, high: float, levels: int) -> tuple[float, ...]:
@@ -148,9 +152,22 @@ class GainedHyperprior(CompressionModel):
         self._h_s64 = None
         self._tables = {}
 
-    def analyse(self, x: torch.Tensor) -> torch.Tensor:
-        """The rate-independent part of encoding (run once per image)."""
-        return self.g_a(x)
+    def analyse(self, x: torch.Tensor, tile: int = 0) -> torch.Tensor:
+        """The rate-independent part of encoding (run once per image).
+
+        ``tile`` > 0 runs the analysis over tiles of that many pixels (plus a halo), so the
+        transform's activations, which dwarf the latent, stay bounded for any image size.
+        """
+        if not _needs_tiles(x, tile):
+            return self.g_a(x)
+        h, w = x.shape[-2:]
+        y = x.new_empty((x.shape[0], self.config.M, h // LATENT_STRIDE, w // LATENT_STRIDE))
+        for r0, c0 in _tile_origins(h, w, tile):
+            (a, b, c, d), (ia, ib, ic, id_) = _tile_window(r0, c0, h, w, tile, TILE_HALO)
+            part = self.g_a(x[..., a:b, c:d])
+            y[..., r0 // LATENT_STRIDE:(r0 + tile) // LATENT_STRIDE, c0 // LATENT_STRIDE:(c0 + tile) // LATENT_STRIDE] = \
+                part[..., ia // LATENT_STRIDE:ib // LATENT_STRIDE, ic // LATENT_STRIDE:id_ // LATENT_STRIDE]
+        return y
 
     def _hyper(self, y: torch.Tensor, v: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
         vv = torch.tensor([float(v)], device=y.device)
@@ -210,20 +227,34 @@ class GainedHyperprior(CompressionModel):
         return z_strings[0], y_strings[0]
 
     def decompress_latent(self, z_string: bytes, y_string: bytes, z_shape: tuple[int, int], v: float,
-                          device: torch.device) -> torch.Tensor:
+                          device: torch.device, tile: int = 0) -> torch.Tensor:
         """Decode the strings back to the synthesis output x̂ in [0, 1] (padded size)."""
         z_hat_g = self.entropy_bottleneck.decompress([z_string], z_shape).to(device)
         indexes, means, _ = self._entropy_params(z_hat_g, v)
         y_hat_g = self.gaussian_conditional.decompress([y_string], indexes, dtype=torch.float64, means=means)
-        return self._synthesise(y_hat_g.to(device), v)
+        return self._synthesise(y_hat_g.to(device), v, tile)
 
-    def _synthesise(self, y_hat_g: torch.Tensor, v: float) -> torch.Tensor:
-        """Inverse gain (float64) then g_s (float32), clamped to [0, 1]."""
+    def _synthesise(self, y_hat_g: torch.Tensor, v: float, tile: int = 0) -> torch.Tensor:
+        """Inverse gain (float64) then g_s (float32), clamped to [0, 1]; over tiles if ``tile``.
+
+        The encoder's ``reconstruct`` and the decoder both come here with the same tile
+        size for the same image, so they stay bit-exact with each other.
+        """
         vv = torch.tensor([float(v)], device=y_hat_g.device)
         inv_gain = self._interpolate(self.log_inv_gain.detach().double(), vv)
-        return self.g_s((y_hat_g * inv_gain).float()).clamp_(0, 1)
+        y = y_hat_g * inv_gain
+        h, w = y.shape[-2] * LATENT_STRIDE, y.shape[-1] * LATENT_STRIDE
+        if not _needs_tiles((h, w), tile):
+            return self.g_s(y.float()).clamp_(0, 1)
+        out = torch.empty((y.shape[0], 3, h, w), device=y.device)
+        s = LATENT_STRIDE
+        for r0, c0 in _tile_origins(h, w, tile):
+            (a, b, c, d), (ia, ib, ic, id_) = _tile_window(r0, c0, h, w, tile, TILE_HALO)
+            part = self.g_s(y[..., a // s:b // s, c // s:d // s].float())
+            out[..., r0:r0 + tile, c0:c0 + tile] = part[..., ia:ib, ic:id_]
+        return out.clamp_(0, 1)
 
-    def reconstruct(self, y: torch.Tensor, v: float) -> torch.Tensor:
+    def reconstruct(self, y: torch.Tensor, v: float, tile: int = 0) -> torch.Tensor:
         """The decoder's output at level ``v`` without entropy coding (for R-D probes).
 
         Quantises exactly as ``compress_latent`` does and synthesises as
@@ -231,7 +262,7 @@ class GainedHyperprior(CompressionModel):
         """
         y_g, z_g, _ = self._hyper(y, v)
         _, means, _ = self._entropy_params(self._quantize_z(z_g)[1], v)
-        return self._synthesise(torch.round(y_g.double() - means) + means, v)
+        return self._synthesise(torch.round(y_g.double() - means) + means, v, tile)
 
     def update_tables(self) -> None:
         """Build the CDF tables (entropy bottleneck and Gaussian scale table) on CPU."""
@@ -259,6 +290,23 @@ def _coded_bits(symbols: torch.Tensor, rows: torch.Tensor, cdf: torch.Tensor, of
         words = torch.ceil(nbits / 4)
         bits += float((4 * (torch.floor(words / 15) + 1) + 4 * words).sum())
     return bits
+
+
+def _needs_tiles(x: torch.Tensor | tuple[int, int], tile: int) -> bool:
+    h, w = x if isinstance(x, tuple) else x.shape[-2:]
+    return tile > 0 and (h > tile or w > tile)
+
+
+def _tile_origins(h: int, w: int, tile: int) -> list[tuple[int, int]]:
+    return [(r, c) for r in range(0, h, tile) for c in range(0, w, tile)]
+
+
+def _tile_window(r0: int, c0: int, h: int, w: int, tile: int, halo: int
+                 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """The haloed window (rows a:b, cols c:d) around a tile, and the tile's place inside it."""
+    a, b = max(r0 - halo, 0), min(r0 + tile + halo, h)
+    c, d = max(c0 - halo, 0), min(c0 + tile + halo, w)
+    return (a, b, c, d), (r0 - a, min(r0 + tile, h) - a, c0 - c, min(c0 + tile, w) - c)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:

@@ -45,12 +45,17 @@ class PillowCodec:
     def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(payload), formats=[self.format]) as im:
+                # The payload's own header is checked before any pixel is decoded: a forged
+                # payload claiming a huge size must not allocate it.
+                if im.size != (width, height):
+                    raise CodecError(f"{self.name} payload is {im.size[0]}x{im.size[1]}, "
+                                     f"container header says {width}x{height}")
                 im.load()
                 rgb = np.asarray(im.convert("RGB"))
+        except CodecError:
+            raise
         except Exception as e:  # Pillow raises many types for corrupt data
-            raise CodecError(f"{self.name} payload does not decode: {e}") from e
-        if rgb.shape[:2] != (height, width):
-            raise CodecError(f"{self.name} payload decodes to {rgb.shape[1]}x{rgb.shape[0]}, header says {width}x{height}")
+            raise CodecError(f"{self.name} payload does not decode: {type(e).__name__}: {e}") from e
         return rgb
 
 

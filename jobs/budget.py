@@ -46,7 +46,7 @@ from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, PROBE_SCHEMA, part_name, read_parts, write_part
 from ratefit.workers.probe import PROBES_DIR, ProbeConfig
-from ratefit.workers.storage import atomic_write, open_fs, redact
+from ratefit.workers.storage import atomic_write, fetch, open_fs, redact
 
 ALLOCATION = f"{PLAN_DIR}/allocation.parquet"
 PLAN_JSON = f"{PLAN_DIR}/plan.json"
@@ -170,9 +170,9 @@ def _load_or_make_plan(spec: JobSpec, fs, root: str, continuous: bool) -> tuple[
     plan_path, alloc_path = f"{root}/{PLAN_JSON}", f"{root}/{ALLOCATION}"
     fs.invalidate_cache(f"{root}/{PLAN_DIR}")
     if fs.exists(plan_path) and fs.exists(alloc_path):
-        summary = json.loads(fs.cat_file(plan_path))
+        summary = json.loads(fetch(fs, plan_path))
         if summary.get("spec_hash") == spec.spec_hash():
-            return pq.read_table(io.BytesIO(fs.cat_file(alloc_path))), summary
+            return pq.read_table(io.BytesIO(fetch(fs, alloc_path))), summary
     t0 = time.perf_counter()
     table, summary = make_plan(spec, load_probes(fs, root), continuous)
     summary["plan_s"] = round(time.perf_counter() - t0, 3)
@@ -256,7 +256,7 @@ def _merge_corrections(fs, root: str, corrected: list[int], shard_size: int) -> 
             by_part.setdefault(index // shard_size, {})[index % shard_size] = row
     for part, replace in sorted(by_part.items()):
         path = f"{root}/{MANIFEST_DIR}/{part_name(part)}"
-        rows = pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+        rows = pq.read_table(io.BytesIO(fetch(fs, path))).to_pylist()
         for pos, row in replace.items():
             rows[pos] = {**row, "shard": part}
         write_part(fs, f"{root}/{MANIFEST_DIR}", part, rows, COMPRESS_SCHEMA)
@@ -285,7 +285,7 @@ def run(spec: JobSpec, plan_items) -> dict[str, Any]:
 
         encode_config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_options,
                                        storage_options=spec.storage_options, max_pixels=spec.max_pixels,
-                                       ms_ssim=spec.ms_ssim)
+                                       ms_ssim=spec.ms_ssim, verify=spec.verify)
         state = run_pass(spec, shard(_with_targets(plan_items(spec), plan), spec.shard_size), encode_config,
                          COMPRESS_SCHEMA, device, label="encode")
         encoded_bytes = float(finish(spec, fs, root, state, 0.0, write=False)["output_bytes"])
@@ -306,9 +306,9 @@ def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[st
              encode_config: CompressConfig, device: str, plan_items) -> dict[str, Any]:
     done_path, list_path = f"{root}/{CORRECTION_JSON}", f"{root}/{CORRECTION_LIST}"
     if fs.exists(done_path):
-        return json.loads(fs.cat_file(done_path))
+        return json.loads(fetch(fs, done_path))
     if fs.exists(list_path):
-        chosen = pq.read_table(io.BytesIO(fs.cat_file(list_path))).to_pydict()
+        chosen = pq.read_table(io.BytesIO(fetch(fs, list_path))).to_pydict()
         targets = dict(zip(chosen["index"], chosen["target_bytes"]))
     else:
         rows = read_parts(fs, f"{root}/{MANIFEST_DIR}", ["status", "output_bytes"]).to_pydict()

@@ -24,7 +24,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
     if spec.kind != "decompress":
         raise SpecError("decompress.run needs a spec of kind 'decompress'")
     config = DecompressConfig(output=spec.output, storage_options=spec.storage_options,
-                              codec_options={spec.codec: spec.codec_options} if spec.codec_options else {})
+                              codec_options={spec.codec: spec.codec_options} if spec.codec_options else {},
+                              max_pixels=spec.max_pixels)
     items = iter_folder(spec.input, (SUFFIX,), spec.storage_options, skip_url=spec.output)
     return run_shards(spec, shard(items, spec.shard_size), config, DECOMPRESS_SCHEMA)
 

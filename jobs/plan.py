@@ -18,7 +18,7 @@ import fsspec
 
 from ratefit.codecs.rate import TARGET_KINDS, Target
 from ratefit.workers.items import Item, Shard
-from ratefit.workers.storage import is_local, open_fs
+from ratefit.workers.storage import is_local, open_fs, with_retries
 
 LISTING_BATCH_ROWS = 8192
 
@@ -41,20 +41,25 @@ def _walk_local(root: str, skip: str | None) -> Iterator[str]:
 def _walk_s3(fs, root: str) -> Iterator[str]:
     """Page through an S3 prefix without materialising the whole listing.
 
-    Uses s3fs's paged ``_iterdir`` (its ``find`` would build the full list first).
+    ListObjectsV2 pages in key order; each page asks for the keys after the last one seen
+    (``StartAfter``), so a page that fails during a storage outage is simply asked again
+    (with backoff) instead of ending the walk.
     """
-    from fsspec.asyn import sync
-
     bucket, key, _ = fs.split_path(root)
     prefix = key.rstrip("/") + "/" if key else ""
-    agen = fs._iterdir(bucket, delimiter="", prefix=prefix)
+    after = ""
     while True:
-        try:
-            info = sync(fs.loop, agen.__anext__)
-        except StopAsyncIteration:
+        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+        if after:
+            params["StartAfter"] = after
+        page = with_retries(lambda: fs.call_s3("list_objects_v2", **params), f"list s3://{bucket}/{prefix}")
+        contents = page.get("Contents", [])
+        for obj in contents:
+            if not obj["Key"].endswith("/"):
+                yield f"{bucket}/{obj['Key']}"
+        if not page.get("IsTruncated") or not contents:
             return
-        if info.get("type") == "file":
-            yield info["name"]
+        after = contents[-1]["Key"]
 
 
 def walk_files(fs, root: str, skip: str | None = None) -> Iterator[str]:
@@ -63,7 +68,7 @@ def walk_files(fs, root: str, skip: str | None = None) -> Iterator[str]:
         if not os.path.isdir(root):
             raise PlanError(f"input folder not found: {root}")
         yield from _walk_local(root, skip)
-    elif hasattr(fs, "_iterdir") and "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    elif hasattr(fs, "call_s3") and "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         yield from _walk_s3(fs, root)
     else:
         yield from sorted(fs.find(root))

@@ -40,7 +40,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
     codec = get_codec(spec.codec, **spec.codec_options)   # fails fast on bad codec options
     config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_options,
                             target=spec.default_target(), storage_options=spec.storage_options,
-                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim)
+                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify)
     return run_shards(spec, shard(plan_items(spec), spec.shard_size), config, COMPRESS_SCHEMA,
                       codec_device=getattr(codec, "preferred_device", codec.device))
 
@@ -91,11 +91,13 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pixels", type=int, help="refuse inputs above this many pixels (checked before decoding)")
     p.add_argument("--no-ms-ssim", dest="ms_ssim", action="store_false", default=None,
                    help="skip MS-SSIM in the manifest (PSNR is always measured)")
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="read every stored bitstream back and decode it on the worker; a mismatch is an error row")
     add_common_arguments(p)
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "extensions", "max_pixels", "ms_ssim", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "extensions", "max_pixels", "ms_ssim", "verify", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress")
 
 
@@ -130,6 +132,8 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
         print(f"budget {b['budget_bytes']:.0f} bytes ({b['budget_bpp']:.4f} bpp): used {b['achieved_bytes']:.0f} "
               f"({b['achieved_fraction']:.2%}); predicted mean PSNR {b['predicted_mean_psnr']:.2f} dB "
               f"(uniform rate: {b['uniform_predicted_mean_psnr']:.2f} dB); {b['corrected_items']} item(s) corrected")
+    if "verify_failures" in s:
+        parts.append(f"{s['verified_items']} verified, {s['verify_failures']} verify failure(s)")
     if s["resumed_shards"]:
         parts.append(f"{s['resumed_shards']} shard(s) resumed from an earlier run")
     print("; ".join(parts))

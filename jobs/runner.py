@@ -27,7 +27,7 @@ from ratefit.jobs.spec import JobSpec
 from ratefit.workers.actor import ShardWorker
 from ratefit.workers.items import Shard
 from ratefit.workers.manifest import MANIFEST_DIR, existing_parts, part_name, write_part
-from ratefit.workers.storage import atomic_write, open_fs, redact
+from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch, open_fs, redact, with_retries
 
 log = logging.getLogger("ratefit")
 JOB_RECORD = "_ratefit_job.json"
@@ -127,7 +127,7 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
 
     fs, root = open_fs(spec.output, spec.storage_options)
     manifest_root = f"{root}/{manifest_dir}"
-    _prepare_output(spec, fs, root)
+    with_retries(lambda: _prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
     started = connect(spec.address)
     state = RunState()
     progress = Progress(spec.progress, label or ("compress" if spec.kind == "compress" else "decompress"))
@@ -158,6 +158,12 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
             try:
                 summary = ray.get(ref)
                 progress.advance(summary["items"], summary["input_bytes"])
+            except StorageUnavailable as e:
+                # Not the items' fault: stop rather than record an outage as bad items.
+                # Every committed shard stays committed, so the same command resumes.
+                cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise JobError(f"shard {shard.index}: {cause}. Nothing is lost: re-run the same "
+                               "command once the store answers, and the job resumes") from None
             except RayError as e:
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if isinstance(e, RayActorError) and slot.actor is actor:
@@ -220,14 +226,14 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
                        f"(e.g. {part_name(stray[0])}): the input changed since they were written; "
                        "re-run with --overwrite")
     statuses: Counter[str] = Counter()
-    in_bytes = out_bytes = 0
+    in_bytes = out_bytes = verify_failures = 0
     bpps: list[float] = []
     psnrs: list[float] = []
     ssims: list[float] = []
     for index, planned in sorted(state.planned.items()):
         if index not in committed:
             raise JobError(f"shard {index} has no manifest part after the run; re-run to finish it")
-        table = pq.read_table(io.BytesIO(fs.cat_file(f"{manifest_root}/{part_name(index)}")))
+        table = pq.read_table(io.BytesIO(fetch(fs, f"{manifest_root}/{part_name(index)}")))
         rows = table.to_pydict()
         uris = rows["input_uri"]
         if len(uris) != planned.count or shard_fingerprint([u or "" for u in uris]) != planned.fingerprint:
@@ -235,6 +241,7 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
                            f"({len(uris)} rows, {planned.count} planned): the input changed since it was "
                            "written; re-run with --overwrite")
         statuses.update(rows["status"])
+        verify_failures += sum(1 for e in rows["error"] if e and e.startswith("verify:"))
         in_bytes += sum(v or 0 for v in rows["input_bytes"])
         out_bytes += sum(v or 0 for v in rows["output_bytes"])
         bpps += [v for v in rows.get("bpp", []) if v is not None]
@@ -259,6 +266,9 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
     if spec.kind == "compress":
         summary.update(mean_bpp=_mean(bpps), mean_psnr=_mean(psnrs), mean_ms_ssim=_mean(ssims),
                        lossless_items=sum(1 for p in psnrs if math.isinf(p)))
+        if spec.verify:
+            # Rows that wrote a file (ok or unreachable) were each read back and decoded.
+            summary.update(verified_items=statuses["ok"] + statuses["unreachable"], verify_failures=verify_failures)
     if write:
         write_success(fs, root, summary)
     return summary

@@ -56,6 +56,7 @@ class JobSpec:
     gpus_per_worker: float | None = None  # None: 1 when the codec runs on CUDA and the cluster has GPUs
     max_pixels: int = DEFAULT_MAX_PIXELS
     ms_ssim: bool = True
+    verify: bool = False               # decode each stored file back on the worker (not hashed: outputs are the same)
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     address: str | None = None         # Ray address; None = embedded local Ray (or the submitting cluster)

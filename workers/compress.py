@@ -1,23 +1,33 @@
 """Compress one item: read → decode → rate search → container → write → round-trip metrics.
 
-Every failure becomes a row naming the stage and the cause; nothing here raises to Ray.
+Every failure becomes a row naming the stage and the cause. Only a storage outage
+(StorageUnavailable) is raised to Ray: it is not the item's fault, so the job stops and a
+re-run resumes instead of recording good inputs as errors.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from ratefit.codecs import container
 from ratefit.codecs.metrics import ms_ssim, psnr
 from ratefit.codecs.rate import Target, search
 from ratefit.codecs.registry import get_codec
+from ratefit.workers.decompress import decode_container
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
-from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
+from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join
+
+log = logging.getLogger("ratefit")
+MIN_TILE = 256    # smallest tile an out-of-memory retry goes down to (pixels)
+TILE_STEP = 64    # tiles are whole multiples of the learned codecs' padding
 
 
 @dataclass
@@ -30,6 +40,33 @@ class CompressConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     ms_ssim: bool = True
     manifest_dir: str = MANIFEST_DIR    # a budget job's correction pass commits its rows elsewhere
+    verify: bool = False                # read each stored file back and decode it before its row says ok
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device (GPU) allocation failure, as torch raises it."""
+    return type(error).__name__ == "OutOfMemoryError" or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def release_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:
+        pass
+
+
+class VerifyError(ItemError):
+    """A stored bitstream did not read back as written; the file has been removed."""
+
+    def __init__(self, message: str):
+        super().__init__("verify", message)
 
 
 class Compressor:
@@ -51,7 +88,7 @@ class Compressor:
         target = item.target or self.config.target
         row.update(input_uri=redact(item.uri), codec=codec.name, attempt=attempt, shard=shard,
                    target_kind=target.kind if target else None, target_value=target.value if target else None)
-        stage = "plan"
+        stages = ["plan"]   # the stage a failure happened in, for the row's message
         try:
             if item.error:
                 raise ItemError("plan", item.error)
@@ -63,35 +100,119 @@ class Compressor:
             if target is None:
                 raise ItemError("plan", "no target: give --target-bpp/--target-bytes/--target-psnr "
                                         "or a target_* column in the listing")
-            stage = "read"
+            stages.append("read")
             image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
             h, w = image.height, image.width
             row.update(width=w, height=h, original_mode=image.original_mode)
 
-            stage = "encode"
-            t0 = time.perf_counter()
-            prepared = codec.prepare(image.pixels)
-            overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
-            outcome = search(codec, prepared, image.pixels, target, overhead)
-            blob = container.pack(codec.name, outcome.payload, value=outcome.value, width=w, height=h,
-                                  mode=image.original_mode, weights_sha256=codec.weights_sha256)
-            row["encode_ms"] = (time.perf_counter() - t0) * 1000.0
-
-            stage = "write"
-            atomic_write(self.out_fs, out_path, blob)
-
-            stage = "metrics"
-            header, payload = container.unpack(blob)
-            restored = codec.decode(payload, header.width, header.height, header.value)
-            p = psnr(image.pixels, restored)
-            row.update(
-                status=outcome.status, error=outcome.reason, output_bytes=len(blob),
-                bpp=len(blob) * 8.0 / (w * h), rate_param=outcome.value, encodes=outcome.encodes,
-                psnr=p if math.isfinite(p) else float("inf"),
-                ms_ssim=ms_ssim(image.pixels, restored) if self.config.ms_ssim else None,
-            )
+            self._with_memory_fallback(lambda: self._encode_write_measure(image, target, out_path, row, stages),
+                                       image, item)
+        except StorageUnavailable:
+            raise   # an outage is not this item's fault: the shard stops, the job reports it, a re-run resumes
+        except VerifyError as e:
+            row.update(status="error", error=redact(str(e)), output_uri=None)
         except ItemError as e:
             row.update(status="error", error=redact(str(e)))
         except Exception as e:  # a codec or storage failure on this item only
-            row.update(status="error", error=redact(f"{stage}: {type(e).__name__}: {e}"))
+            row.update(status="error", error=redact(f"{stages[-1]}: {type(e).__name__}: {e}"))
         return row
+
+    def _encode_write_measure(self, image, target: Target, out_path: str, row: dict[str, Any],
+                              stages: list[str]) -> None:
+        codec = self.codec
+        h, w = image.height, image.width
+        stages.append("encode")
+        t0 = time.perf_counter()
+        prepared = codec.prepare(image.pixels)
+        overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
+        outcome = search(codec, prepared, image.pixels, target, overhead)
+        blob = container.pack(codec.name, outcome.payload, value=outcome.value, width=w, height=h,
+                              mode=image.original_mode, weights_sha256=codec.weights_sha256)
+        row["encode_ms"] = (time.perf_counter() - t0) * 1000.0
+
+        stages.append("write")
+        atomic_write(self.out_fs, out_path, blob)
+
+        if self.config.verify:
+            stages.append("verify")
+            restored = self.verify(out_path, blob, prepared, outcome.value)
+        else:
+            stages.append("metrics")
+            header, payload = container.unpack(blob)
+            restored = codec.decode(payload, header.width, header.height, header.value)
+        stages.append("metrics")
+        p = psnr(image.pixels, restored)
+        row.update(
+            status=outcome.status, error=outcome.reason, output_bytes=len(blob),
+            bpp=len(blob) * 8.0 / (w * h), rate_param=outcome.value, encodes=outcome.encodes,
+            psnr=p if math.isfinite(p) else float("inf"),
+            ms_ssim=ms_ssim(image.pixels, restored) if self.config.ms_ssim else None,
+        )
+
+    def _with_memory_fallback(self, work: Callable[[], None], image, item: Item) -> None:
+        """Run ``work``; on a device out-of-memory, retry this item alone with smaller tiles.
+
+        A codec that tiles (``tile`` attribute) gets half the tile size each time, down to
+        MIN_TILE; the worker's tile size is restored afterwards, so one huge item does not
+        slow the rest. Without tiles to shrink, the error stands for this item only.
+        """
+        tile0 = getattr(self.codec, "tile", None)
+        try:
+            while True:
+                try:
+                    return work()
+                except Exception as e:
+                    if not is_out_of_memory(e) or tile0 is None:
+                        raise
+                    current = self.codec.tile or max(image.width, image.height)
+                    smaller = (current // 2) // TILE_STEP * TILE_STEP
+                    if smaller < MIN_TILE:
+                        raise
+                    release_device_memory()
+                    log.warning("%s: out of memory on the device (%s); retrying this item alone with %d px tiles",
+                                redact(item.uri), type(e).__name__, smaller)
+                    self.codec.tile = smaller
+        finally:
+            if tile0 is not None:
+                self.codec.tile = tile0
+
+    def verify(self, out_path: str, blob: bytes, prepared: Any, value: float) -> np.ndarray:
+        """Read the stored file back, decode it as a decompress job would, and compare.
+
+        The stored bytes must equal what was written; the decoded picture must equal the
+        encoder's own reconstruction bit for bit where the codec has one (the learned codecs,
+        on the same device type). Classical codecs have no separate reconstruction: for them
+        the check is the byte comparison plus a clean decode to the right size. On a mismatch
+        the file is removed, so no row and no file outlives a bitstream that does not decode.
+        """
+        codec = self.codec
+        try:
+            stored = fetch(self.out_fs, out_path)
+            if stored != blob:
+                raise VerifyError(f"stored file is {len(stored)} bytes and differs from the {len(blob)} written")
+
+            def own_codec(header: container.Header):
+                if header.codec != codec.name or header.weights_sha256 != codec.weights_sha256:
+                    raise VerifyError(f"stored container names codec {header.codec!r}, expected {codec.name!r}")
+                return codec
+
+            try:
+                _, decoded = decode_container(stored, own_codec, max_pixels=1 << 62)
+            except VerifyError:
+                raise
+            except ItemError as e:
+                raise VerifyError(f"stored file does not decode: {e.message}") from None
+            reconstruct = getattr(codec, "reconstruct", None)
+            if reconstruct is not None:
+                expected = reconstruct(prepared, value)
+                if not np.array_equal(decoded, expected):
+                    diff = np.abs(decoded.astype(np.int16) - expected.astype(np.int16))
+                    raise VerifyError(f"decoded picture differs from the encoder's reconstruction in "
+                                      f"{int(np.count_nonzero(diff))} samples (max {int(diff.max())} levels)")
+            return decoded
+        except VerifyError:
+            try:
+                self.out_fs.rm_file(out_path)
+            except Exception:
+                pass
+            raise

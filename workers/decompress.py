@@ -5,17 +5,18 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 from PIL import Image
 
 from ratefit.codecs import container
-from ratefit.codecs.base import Codec
+from ratefit.codecs.base import Codec, CodecError
 from ratefit.codecs.registry import get_codec
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import DECOMPRESS_SCHEMA, empty_row
-from ratefit.workers.read import ItemError, read_bytes
-from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
+from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_bytes
+from ratefit.workers.storage import StorageUnavailable, atomic_write, full_url, open_fs, redact, safe_join
 
 
 def restored_relpath(relpath: str) -> str:
@@ -36,6 +37,34 @@ class DecompressConfig:
     output: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     codec_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per codec name
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec],
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[container.Header, np.ndarray]:
+    """Check and decode one stored container; every failure is an ItemError at stage ``decode``.
+
+    The one path untrusted bitstreams take (decompress jobs and ``--verify``): the header is
+    checked, the claimed size is held to the pixel limit before anything is allocated, and
+    the codec's own errors are reported as such, never as a crash.
+    """
+    try:
+        header, payload = container.unpack(data)
+    except container.ContainerError as e:
+        raise ItemError("decode", str(e)) from None
+    if header.width * header.height > max_pixels:
+        raise ItemError("decode", f"container claims {header.width}x{header.height} = "
+                                  f"{header.width * header.height} pixels, over the limit of {max_pixels} "
+                                  "(refused before decoding; raise --max-pixels to allow it)")
+    codec = codec_for(header)
+    try:
+        pixels = codec.decode(payload, header.width, header.height, header.value)
+    except CodecError as e:
+        raise ItemError("decode", str(e)) from None
+    if pixels.shape != (header.height, header.width, 3) or pixels.dtype != np.uint8:
+        raise ItemError("decode", f"{header.codec} decoded to {pixels.dtype} {pixels.shape}, "
+                                  f"header says {header.width}x{header.height}")
+    return header, pixels
 
 
 class Decompressor:
@@ -77,19 +106,16 @@ class Decompressor:
             row["input_bytes"] = len(data)
             stage = "decode"
             t0 = time.perf_counter()
-            try:
-                header, payload = container.unpack(data)
-            except container.ContainerError as e:
-                raise ItemError("decode", str(e)) from None
-            codec = self.codec_for(header)
+            header, pixels = decode_container(data, self.codec_for, self.config.max_pixels)
             row["codec"] = header.codec
-            pixels = codec.decode(payload, header.width, header.height, header.value)
             row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
             stage = "write"
             buf = io.BytesIO()
             Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=3)
             atomic_write(self.out_fs, out_path, buf.getvalue())
             row.update(status="ok", width=header.width, height=header.height, output_bytes=buf.tell())
+        except StorageUnavailable:
+            raise
         except ItemError as e:
             row.update(status="error", error=redact(str(e)))
         except Exception as e:

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ratefit.workers.storage import atomic_write
+from ratefit.workers.storage import atomic_write, fetch, with_retries
 
 MANIFEST_DIR = "_manifest"
 STATUSES = ("ok", "error", "unreachable", "skipped")
@@ -93,7 +93,7 @@ def existing_parts(fs, manifest_root: str) -> set[int]:
     """Shard indices whose part is already committed (one listing call, not one per shard)."""
     fs.invalidate_cache(manifest_root)   # other processes (the workers) wrote parts since the last look
     try:
-        names = fs.ls(manifest_root, detail=False)
+        names = with_retries(lambda: fs.ls(manifest_root, detail=False), f"list {manifest_root}")
     except FileNotFoundError:
         return set()
     done = set()
@@ -110,6 +110,7 @@ def existing_parts(fs, manifest_root: str) -> set[int]:
 def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
     """Every committed part under ``folder``, in shard order: rows in planning order."""
     fs.invalidate_cache(folder)
-    names = sorted(n for n in fs.ls(folder, detail=False) if n.rstrip("/").rsplit("/", 1)[-1].startswith("part-"))
-    tables = [pq.read_table(io.BytesIO(fs.cat_file(n)), columns=columns) for n in names]
+    listed = with_retries(lambda: fs.ls(folder, detail=False), f"list {folder}")
+    names = sorted(n for n in listed if n.rstrip("/").rsplit("/", 1)[-1].startswith("part-"))
+    tables = [pq.read_table(io.BytesIO(fetch(fs, n)), columns=columns) for n in names]
     return pa.concat_tables(tables) if tables else pa.table({})

@@ -17,7 +17,7 @@ from ratefit.codecs.registry import get_codec
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import PROBE_SCHEMA, empty_row
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
-from ratefit.workers.storage import open_fs, redact
+from ratefit.workers.storage import StorageUnavailable, open_fs, redact
 
 PROBES_DIR = "_plan/probes"
 
@@ -58,6 +58,8 @@ class Prober:
             row.update(status="ok", probe_value=[p.value for p in points],
                        probe_bytes=[p.stored_bytes for p in points], probe_psnr=[p.psnr for p in points],
                        probe_exact=all(p.exact for p in points), probe_ms=(time.perf_counter() - t0) * 1000.0)
+        except StorageUnavailable:
+            raise
         except ItemError as e:
             row.update(status="error", error=redact(str(e)))
         except Exception as e:   # a codec failure on this item only

@@ -107,8 +107,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
 
 
 def read_bytes(fs, path: str) -> bytes:
+    from ratefit.workers.storage import StorageUnavailable, fetch
+
     try:
-        return fs.cat_file(path)
+        return fetch(fs, path)
+    except StorageUnavailable:
+        raise   # not this item's fault: the shard stops and the job reports the outage
     except FileNotFoundError:
         raise ItemError("read", f"not found: {path}") from None
     except Exception as e:

@@ -3,18 +3,88 @@ keeping credentials out of anything ratefit prints or stores."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+log = logging.getLogger("ratefit")
+T = TypeVar("T")
+# How long one storage operation keeps retrying a store that does not answer before the
+# item's shard gives up with StorageUnavailable (the job then stops and a re-run resumes).
+STORAGE_RETRY_S = 120.0
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ECONNABORTED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH}
+# botocore / aiohttp raise their own classes for a refused or dropped connection; named here
+# so local-only installs need neither package.
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                    "HTTPClientError", "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
+                    "FSTimeoutError", "IncompleteRead", "ResponseStreamingError", "ServiceUnavailable", "SlowDown"}
+
 _SECRET_KEYS = re.compile(r"(secret|password|token|key|credential|session)", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]*@")
 _QUERY_SECRET = re.compile(r"(?i)([?&](?:x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|key)=)[^&\s]+")
+
+
+class StorageUnavailable(RuntimeError):
+    """The store did not answer for ``STORAGE_RETRY_S``; the job stops instead of recording
+    a storage outage as bad items, and a re-run resumes from the committed shards."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` says the store was unreachable (worth retrying), not that the request was wrong."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(e).__mro__):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def with_retries(op: Callable[[], T], what: str, window_s: float | None = None) -> T:
+    """Run ``op``, retrying transient storage errors with jittered exponential backoff.
+
+    A short outage (a restarted S3 server, a dropped connection) is carried through; one
+    longer than ``window_s`` raises StorageUnavailable naming the operation. Only for
+    idempotent operations (reads, whole-object writes, listings).
+    """
+    window = STORAGE_RETRY_S if window_s is None else window_s
+    start = time.monotonic()
+    delay = 0.25
+    while True:
+        try:
+            return op()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            waited = time.monotonic() - start
+            if waited + delay > window:
+                raise StorageUnavailable(f"{redact(what)}: storage unreachable for {waited:.0f} s "
+                                         f"({type(e).__name__}: {redact(str(e))})") from e
+            log.warning("%s: %s; retrying in %.1f s", redact(what), redact(f"{type(e).__name__}: {e}"), delay)
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 8.0)
+
+
+def fetch(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """A whole object's bytes, through short outages."""
+    return with_retries(lambda: fs.cat_file(path), f"read {path}")
 
 
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -49,7 +119,7 @@ def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     else:
-        fs.pipe_file(path, data)
+        with_retries(lambda: fs.pipe_file(path, data), f"write {path}")
 
 
 def safe_join(root: str, relpath: str) -> str:
