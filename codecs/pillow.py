@@ -9,6 +9,7 @@ container and opened by any image viewer.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,14 +45,16 @@ class PillowCodec:
 
     def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
         try:
-            with Image.open(io.BytesIO(payload), formats=[self.format]) as im:
-                # The payload's own header is checked before any pixel is decoded: a forged
-                # payload claiming a huge size must not allocate it.
-                if im.size != (width, height):
-                    raise CodecError(f"{self.name} payload is {im.size[0]}x{im.size[1]}, "
-                                     f"container header says {width}x{height}")
-                im.load()
-                rgb = np.asarray(im.convert("RGB"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the size check below decides
+                with Image.open(io.BytesIO(payload), formats=[self.format]) as im:
+                    # The payload's own header is checked before any pixel is decoded: a
+                    # forged payload claiming a huge size must not allocate it.
+                    if im.size != (width, height):
+                        raise CodecError(f"{self.name} payload is {im.size[0]}x{im.size[1]}, "
+                                         f"container header says {width}x{height}")
+                    im.load()
+                    rgb = np.asarray(im.convert("RGB"))
         except CodecError:
             raise
         except Exception as e:  # Pillow raises many types for corrupt data

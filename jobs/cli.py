@@ -70,7 +70,7 @@ def _codecs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ratefit.jobs import decompress, demo, evaluate, recompress, report, train
+    from ratefit.jobs import decompress, demo, evaluate, fuzz, recompress, report, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_eval_arguments(pe)
     pr = sub.add_parser("report", help="an HTML report (plots, summary, errors) of a finished compress job")
     report.add_report_arguments(pr)
+    pf = sub.add_parser("fuzz", help="fuzz the container parser and decoders for a while (crashes, hangs)")
+    fuzz.add_fuzz_arguments(pf)
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
     pm.add_argument("output", nargs="?", default="demo-output")
     pm.add_argument("--target-bpp", type=float, default=0.5)
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return train.run(args)
     if args.command == "report":
         return run_guarded(lambda: report.run(args))
+    if args.command == "fuzz":
+        return fuzz.run(args)
     if args.command == "demo":
         return run_guarded(lambda: demo.run_demo(args.output, args.target_bpp))
     return 2

@@ -1,0 +1,229 @@
+"""Faults injected into real jobs: the S3 server stopped and restarted mid-job, the driver
+killed mid-job, and a collection of bad and odd inputs on S3 (read by Ray worker
+processes through a listing), with the credentials kept out of everything written.
+
+The killed worker process is in test_job_local.py; the worker-level faults (a corrupting
+store, an out-of-memory item) are in test_reliability.py.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from ratefit.jobs import recompress
+from ratefit.jobs.spec import JobSpec
+
+pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+
+
+def read_manifest(fs, prefix: str) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted(fs.glob(f"{prefix}/_manifest/*.parquet")):
+        rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+    return rows
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+# ------------------------------------------------------------------ S3 outage mid-job
+
+def test_s3_server_stopped_and_restarted_mid_job(tmp_path, samples_dir):
+    import s3fs
+
+    from ratefit.cluster.s3server import S3Server
+
+    server = S3Server(str(tmp_path / "s3")).start()
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
+        fs.mkdir("outage")
+        photo = (samples_dir / "coffee.png").read_bytes()
+        for i in range(10):
+            fs.pipe_file(f"outage/in/img{i:02d}.png", photo)
+        spec = JobSpec(input="s3://outage/in", output="s3://outage/out", codec="avif", target_bpp=0.6,
+                       shard_size=1, workers=2, ms_ssim=False, storage_options=server.storage_options)
+        result: dict = {}
+        job = threading.Thread(target=lambda: result.update(summary=recompress.run(spec)))
+        job.start()
+        _wait_for(lambda: fs.invalidate_cache() or fs.exists("outage/out/_manifest/part-00000.parquet")
+                  or not job.is_alive(), 180, "the first committed shard")
+        assert job.is_alive(), "the job ended before the outage could be injected"
+        fs.invalidate_cache()
+        committed_before = len(fs.glob("outage/out/_manifest/part-*.parquet"))
+        server.stop()                  # SIGTERM: the store is gone ...
+        down_at = time.monotonic()
+        time.sleep(3)
+        server.start()                 # ... and back on the same port with the same data
+        outage_s = time.monotonic() - down_at
+        job.join(300)
+        assert not job.is_alive()
+        summary = result["summary"]
+        assert summary["statuses"] == {"ok": 10}, summary
+        rows = read_manifest(fs, "outage/out")
+        assert sorted(r["input_uri"] for r in rows) == [f"s3://outage/in/img{i:02d}.png" for i in range(10)]
+        for r in rows:
+            assert fs.size(r["output_uri"]) == r["output_bytes"]
+        assert outage_s > 5, "the store was down for a real while"
+        assert committed_before < 10, "shards were still running when the store went away"
+    finally:
+        server.stop()
+
+
+# -------------------------------------------------------------------- driver killed
+
+def test_driver_killed_mid_job_resumes_without_duplicates(tmp_path, samples_dir):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        shutil.copy(samples_dir / "coffee.png", src / f"img{i:02d}.png")
+    out = tmp_path / "out"
+    args = [str(src), str(out), "--codec", "avif", "--target-bpp", "0.6", "--shard-size", "1", "--workers", "1",
+            "--no-ms-ssim", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-m", "ratefit.jobs.recompress", *args], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        parts = out / "_manifest"
+        _wait_for(lambda: len(list(parts.glob("part-*.parquet"))) >= 2 or driver.poll() is not None,
+                  240, "two committed shards")
+        assert driver.poll() is None, "the driver finished before it could be killed"
+        driver.kill()                  # SIGKILL: no cleanup, no _SUCCESS
+        driver.wait(30)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)   # its embedded Ray, if any of it lingers
+        except ProcessLookupError:
+            pass
+    committed = len(list(parts.glob("part-*.parquet")))
+    assert committed < 12 and not (out / "_SUCCESS").exists()
+
+    summary = recompress.run(JobSpec(input=str(src), output=str(out), codec="avif", target_bpp=0.6, shard_size=1,
+                                     workers=1, ms_ssim=False))
+    assert summary["statuses"] == {"ok": 12}
+    assert summary["resumed_shards"] >= 2
+    rows = pq.read_table(str(parts)).to_pylist()
+    assert sorted(Path(r["input_uri"]).name for r in rows) == [f"img{i:02d}.png" for i in range(12)]
+    for r in rows:
+        assert Path(r["output_uri"]).stat().st_size == r["output_bytes"]
+        Image.open(src / Path(r["input_uri"]).name)   # inputs untouched
+
+
+# ------------------------------------------------------------------- bad inputs on S3
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width``x``height`` (a decompression bomb's first bytes)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return b"\x89PNG\r\n\x1a\n" + chunk + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def bad_and_odd_inputs(photo: Image.Image) -> tuple[dict[str, bytes], dict[str, str]]:
+    """(name → bytes, name → expected error fragment); names not in the second must succeed."""
+    small = photo.resize((160, 120))
+    png = _encoded(small, "PNG")
+    jpg = _encoded(small, "JPEG", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [small, small.rotate(90), small.rotate(180)]
+    files = {
+        "empty.png": b"",
+        "truncated.png": png[: len(png) // 3],
+        "truncated.jpg": jpg[: len(jpg) // 2],
+        "text.jpg": b"just some text, not a JPEG\n" * 20,
+        "bomb.png": _png_header_only(60000, 60000),
+        "one-by-one.png": _encoded(small.resize((1, 1)), "PNG"),
+        "one-by-n.png": _encoded(small.resize((1, 300)), "PNG"),
+        "n-by-one.png": _encoded(small.resize((300, 1)), "PNG"),
+        "gray16.png": _encoded(Image.fromarray((np.asarray(small.convert("L"), dtype=np.uint16) * 257)), "PNG"),
+        "gray.png": _encoded(small.convert("L"), "PNG"),
+        "palette.png": _encoded(small.convert("P"), "PNG"),
+        "rgba.png": _encoded(small.convert("RGBA"), "PNG"),
+        "cmyk.jpg": _encoded(small.convert("CMYK"), "JPEG"),
+        "exif-rotated.jpg": _encoded(small, "JPEG", exif=exif.tobytes()),
+        "photo.tiff": _encoded(small, "TIFF"),
+        "animated.gif": _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated.webp": _encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "name with spaces ünïcødé.png": png,
+    }
+    errors = {"empty.png": "file is empty", "truncated.png": "corrupt or truncated",
+              "truncated.jpg": "corrupt or truncated", "text.jpg": "not a recognised image format",
+              "bomb.png": "60000x60000 = 3600000000 pixels exceeds the limit"}
+    return files, errors
+
+
+def test_bad_and_odd_inputs_on_s3_through_a_listing(s3_server, s3fs_client, samples_dir, caplog, capfd):
+    fs = s3fs_client
+    bucket = f"rf-{uuid.uuid4().hex[:10]}"
+    fs.mkdir(bucket)
+    files, errors = bad_and_odd_inputs(Image.open(samples_dir / "chelsea.png").convert("RGB"))
+    for name, data in files.items():
+        fs.pipe_file(f"{bucket}/in/{name}", data)
+    secret_query = "X-Amz-Signature=TOPSECRETSIGNATURE"
+    escapes = {"../escape.png": "escapes the listing's folder", "sub/../../escape2.png": "escapes the listing's folder",
+               f"missing.png?{secret_query}": "not found"}
+    listing = "uri\n" + "".join(f'"{name}"\n' for name in [*files, *escapes])
+    fs.pipe_file(f"{bucket}/in/listing.csv", listing.encode())
+    before = set(fs.find(bucket))
+
+    caplog.set_level(logging.DEBUG, logger="ratefit")
+    summary = recompress.run(JobSpec(input=f"s3://{bucket}/in/listing.csv", output=f"s3://{bucket}/out",
+                                     codec="webp", target_bpp=2.0, shard_size=4, ms_ssim=False,
+                                     storage_options=s3_server.storage_options))
+    rows = {r["input_uri"].rsplit("/in/", 1)[-1]: r for r in read_manifest(fs, f"{bucket}/out")}
+    assert summary["items"] == len(files) + len(escapes) == len(rows)
+    for name, fragment in {**errors, **escapes}.items():
+        key = name.split("?")[0] if "?" in name else name
+        match = [r for k, r in rows.items() if k.startswith(key)]
+        assert len(match) == 1, name
+        assert match[0]["status"] == "error" and fragment in match[0]["error"], (name, match[0]["error"])
+    for name in set(files) - set(errors):
+        r = rows[name]
+        # Tiny images cannot reach 2 bpp once the container header is counted: 'unreachable'
+        # still writes the nearest result and says why.
+        assert r["status"] in ("ok", "unreachable"), (name, r["error"])
+        assert fs.size(r["output_uri"]) == r["output_bytes"] and r["output_uri"].startswith(f"s3://{bucket}/out/")
+    assert (rows["exif-rotated.jpg"]["width"], rows["exif-rotated.jpg"]["height"]) == (120, 160)
+    assert rows["gray16.png"]["original_mode"].startswith("I;16")
+    assert rows["cmyk.jpg"]["original_mode"] == "CMYK"
+
+    # Nothing was written outside OUTPUT.
+    new = set(fs.find(bucket)) - before
+    assert new and all(p.startswith(f"{bucket}/out/") for p in new), sorted(new)[:5]
+
+    # Neither the secret key nor a signed URL's signature reaches anything written or logged.
+    written = "".join(fs.cat_file(p).decode("utf-8", "replace") for p in new
+                      if p.endswith((".parquet", ".json", "_SUCCESS")))
+    logged = caplog.text + "".join(capfd.readouterr())
+    for text in (written, logged, json.dumps(list(rows.values()))):
+        assert s3_server.secret_key not in text
+        assert "TOPSECRETSIGNATURE" not in text

@@ -1,0 +1,185 @@
+"""Worker-level reliability: --verify, storage retries, tiles for large images, and an
+out-of-memory item retried alone. Faults are injected into the real Compressor and codecs
+(a corrupting store, a decoder that disagrees, an allocation failure); the job-level faults
+(killed processes, a stopped S3 server) are in test_faults.py."""
+
+from __future__ import annotations
+
+import errno
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ratefit.codecs.rate import Target
+from ratefit.codecs.registry import get_codec
+from ratefit.workers import compress as compress_mod
+from ratefit.workers.compress import CompressConfig, Compressor
+from ratefit.workers.items import Item
+from ratefit.workers.storage import StorageUnavailable, is_transient, with_retries
+
+
+def _item(samples_dir: Path, name: str = "chelsea.png") -> Item:
+    return Item(uri=str(samples_dir / name), relpath=name)
+
+
+def _compressor(tmp_path: Path, codec: str, **kw) -> Compressor:
+    return Compressor(CompressConfig(output=str(tmp_path / "out"), codec=codec, target=Target("bpp", 0.5),
+                                     ms_ssim=False, **kw))
+
+
+# --------------------------------------------------------------------------- --verify
+
+@pytest.mark.parametrize("codec", ["gain-hyperprior", "webp"])
+def test_verify_passes_for_good_bitstreams(tmp_path, samples_dir, codec):
+    c = _compressor(tmp_path, codec, verify=True, codec_options={"device": "cpu"} if codec != "webp" else {})
+    row = c(_item(samples_dir), 0, 1)
+    assert row["status"] == "ok", row["error"]
+    assert Path(row["output_uri"]).stat().st_size == row["output_bytes"]
+
+
+def test_verify_catches_a_store_that_corrupts_what_it_keeps(tmp_path, samples_dir, monkeypatch):
+    real_write = compress_mod.atomic_write
+
+    def corrupting_write(fs, path, data):
+        bad = bytearray(data)
+        bad[len(bad) // 2] ^= 0x10
+        real_write(fs, path, bytes(bad))
+
+    monkeypatch.setattr(compress_mod, "atomic_write", corrupting_write)
+    c = _compressor(tmp_path, "jpeg", verify=True)
+    row = c(_item(samples_dir), 0, 1)
+    assert row["status"] == "error"
+    assert row["error"].startswith("verify: stored file is") and "differs" in row["error"]
+    assert row["output_uri"] is None
+    assert not list((tmp_path / "out").rglob("*.rfic")), "a file that failed verification must be removed"
+
+
+def test_without_verify_the_same_corruption_goes_unnoticed(tmp_path, samples_dir, monkeypatch):
+    """The control for the test above: only --verify reads the stored file back."""
+    real_write = compress_mod.atomic_write
+    monkeypatch.setattr(compress_mod, "atomic_write",
+                        lambda fs, path, data: real_write(fs, path, data[:-1] + bytes([data[-1] ^ 1])))
+    row = _compressor(tmp_path, "jpeg")(_item(samples_dir), 0, 1)
+    assert row["status"] == "ok"
+
+
+def test_verify_catches_a_decoder_that_disagrees_with_the_encoder(tmp_path, samples_dir):
+    c = _compressor(tmp_path, "gain-hyperprior", verify=True, codec_options={"device": "cpu"})
+    real_decode = c.codec.decode
+
+    def drifting_decode(payload, width, height, value):
+        out = real_decode(payload, width, height, value).copy()
+        out[0, 0, 0] ^= 1     # one sample one level off: what a cross-device index flip looks like
+        return out
+
+    c.codec.decode = drifting_decode
+    row = c(_item(samples_dir), 0, 1)
+    assert row["status"] == "error"
+    assert "differs from the encoder's reconstruction in 1 samples (max 1 levels)" in row["error"]
+    assert not list((tmp_path / "out").rglob("*.rfic"))
+
+
+# ------------------------------------------------------------------------ retries
+
+def test_retries_carry_a_short_outage(monkeypatch):
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 4:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "connection refused")
+        return b"data"
+
+    assert with_retries(flaky, "read x") == b"data"
+    assert len(calls) == 4
+
+
+def test_retries_give_up_after_the_window_with_a_clear_error():
+    def down():
+        raise TimeoutError("no answer")
+
+    with pytest.raises(StorageUnavailable, match=r"read s3://b/k: storage unreachable for \d+ s \(TimeoutError"):
+        with_retries(down, "read s3://b/k", window_s=0.6)
+
+
+def test_wrong_requests_are_not_retried():
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("s3://b/nope")
+
+    with pytest.raises(FileNotFoundError):
+        with_retries(missing, "read")
+    assert len(calls) == 1
+
+
+def test_transient_classification():
+    class EndpointConnectionError(Exception):   # botocore's name, matched without importing it
+        pass
+
+    assert is_transient(EndpointConnectionError("Could not connect"))
+    assert is_transient(OSError(errno.ECONNRESET, "reset"))
+    wrapped = OSError("wrapped")
+    wrapped.__cause__ = ConnectionResetError()
+    assert is_transient(wrapped)
+    assert not is_transient(OSError(errno.EINVAL, "The specified bucket is not valid."))
+    assert not is_transient(PermissionError("denied"))
+    assert not is_transient(ValueError("bad"))
+
+
+# ------------------------------------------------------------------- tiles and memory
+
+def test_tiled_transforms_match_the_whole_image(samples_dir):
+    img = np.asarray(Image.open(samples_dir / "astronaut.png").convert("RGB"))[:, :400]   # 512x400: 4x4 tiles
+    whole = get_codec("gain-hyperprior", device="cpu", tile=0)
+    tiled = get_codec("gain-hyperprior", device="cpu", tile=128)
+    pw, pt = whole.prepare(img), tiled.prepare(img)
+    assert torch.allclose(pw.y, pt.y, atol=1e-4), "the halo must make tiles see what the whole image sees"
+    for v in (1.0, 5.0):
+        payload = tiled.encode(pt, v)
+        decoded = tiled.decode(payload, 400, 512, v)
+        assert np.array_equal(decoded, tiled.reconstruct(pt, v)), "decoder and encoder tile alike: bit-exact"
+        untiled = whole.decode(payload, 400, 512, v)
+        assert np.abs(decoded.astype(int) - untiled.astype(int)).max() <= 2
+
+
+def test_tile_option_is_checked():
+    with pytest.raises(Exception, match="multiple of 64"):
+        get_codec("gain-hyperprior", device="cpu", tile=100)
+
+
+def test_out_of_memory_item_is_retried_alone_with_smaller_tiles(tmp_path, samples_dir):
+    c = _compressor(tmp_path, "gain-hyperprior", codec_options={"device": "cpu"})
+    real_prepare = c.codec.prepare
+    tiles_tried = []
+
+    def prepare_needing_small_tiles(image):
+        tiles_tried.append(c.codec.tile)
+        if c.codec.tile > 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_prepare(image)
+
+    c.codec.prepare = prepare_needing_small_tiles
+    row = c(_item(samples_dir, "astronaut.png"), 0, 1)
+    assert row["status"] == "ok", row["error"]
+    assert tiles_tried == [2048, 1024, 512, 256]
+    assert c.codec.tile == 2048, "the worker goes back to its tile size for the next item"
+    assert c(_item(samples_dir, "chelsea.png"), 0, 1)["status"] == "ok"
+
+
+def test_out_of_memory_that_persists_is_one_error_row(tmp_path, samples_dir):
+    c = _compressor(tmp_path, "gain-hyperprior", codec_options={"device": "cpu"})
+
+    def always_oom(image):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    c.codec.prepare = always_oom
+    row = c(_item(samples_dir), 0, 1)
+    assert row["status"] == "error" and row["error"].startswith("encode: OutOfMemoryError")
+    assert c.codec.tile == 2048
