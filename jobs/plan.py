@@ -21,6 +21,7 @@ from ratefit.workers.items import Item, Shard
 from ratefit.workers.storage import is_local, open_fs, with_retries
 
 LISTING_BATCH_ROWS = 8192
+S3_PAGE_KEYS = 1000   # keys per ListObjectsV2 page (S3's maximum)
 
 
 class PlanError(ValueError):
@@ -41,25 +42,25 @@ def _walk_local(root: str, skip: str | None) -> Iterator[str]:
 def _walk_s3(fs, root: str) -> Iterator[str]:
     """Page through an S3 prefix without materialising the whole listing.
 
-    ListObjectsV2 pages in key order; each page asks for the keys after the last one seen
-    (``StartAfter``), so a page that fails during a storage outage is simply asked again
-    (with backoff) instead of ending the walk.
+    Each ListObjectsV2 page hands back a continuation token for the next; a page request
+    that fails during a storage outage is asked again with the same token (with backoff)
+    instead of ending the walk. The store's own key order is kept, and it is stable, which
+    is what makes the shards the same on every run.
     """
     bucket, key, _ = fs.split_path(root)
     prefix = key.rstrip("/") + "/" if key else ""
-    after = ""
+    token = None
     while True:
-        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
-        if after:
-            params["StartAfter"] = after
+        params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": S3_PAGE_KEYS}
+        if token:
+            params["ContinuationToken"] = token
         page = with_retries(lambda: fs.call_s3("list_objects_v2", **params), f"list s3://{bucket}/{prefix}")
-        contents = page.get("Contents", [])
-        for obj in contents:
+        for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):
                 yield f"{bucket}/{obj['Key']}"
-        if not page.get("IsTruncated") or not contents:
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
             return
-        after = contents[-1]["Key"]
 
 
 def walk_files(fs, root: str, skip: str | None = None) -> Iterator[str]:

@@ -220,3 +220,17 @@ def test_a_killed_worker_process_is_replaced_and_its_shard_retried(samples_dir, 
     assert any(r["attempt"] == 2 for r in rows)
     for r in rows:
         assert Path(r["output_uri"]).stat().st_size == r["output_bytes"]
+
+
+def test_verify_flag_reads_every_file_back_and_counts_it(messy_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert recompress.main([str(messy_dir), str(out), "--codec", "jpeg", "--target-bpp", "0.8", "--verify",
+                            "--shard-size", "3", "--no-progress"]) == 0
+    summary = json.loads((out / "_SUCCESS").read_text())
+    assert summary["spec"]["verify"] is True
+    assert summary["verified_items"] == summary["statuses"]["ok"] == 5 and summary["verify_failures"] == 0
+    assert "5 verified, 0 verify failure(s)" in capsys.readouterr().out
+    # Verification does not change what a job is: the same OUTPUT resumes without it.
+    again = recompress.run(JobSpec(input=str(messy_dir), output=str(out), codec="jpeg", target_bpp=0.8,
+                                   shard_size=3))
+    assert again["resumed_shards"] == again["shards"] and "verify_failures" not in again

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ratefit.codecs import container
 from ratefit.codecs.rate import Target
 from ratefit.codecs.registry import get_codec
 from ratefit.workers import compress as compress_mod
@@ -183,3 +184,23 @@ def test_out_of_memory_that_persists_is_one_error_row(tmp_path, samples_dir):
     row = c(_item(samples_dir), 0, 1)
     assert row["status"] == "error" and row["error"].startswith("encode: OutOfMemoryError")
     assert c.codec.tile == 2048
+
+
+def test_decompress_retries_an_out_of_memory_item_with_smaller_tiles(tmp_path, samples_dir):
+    from ratefit.workers.decompress import DecompressConfig, Decompressor
+
+    row = _compressor(tmp_path, "gain-hyperprior", codec_options={"device": "cpu"})(_item(samples_dir), 0, 1)
+    d = Decompressor(DecompressConfig(output=str(tmp_path / "restored"), codec_options={"gain-hyperprior": {"device": "cpu"}}))
+    codec = d.codec_for(container.unpack(Path(row["output_uri"]).read_bytes())[0])
+    real_decode, tiles_tried = codec.decode, []
+
+    def decode_needing_small_tiles(*args):
+        tiles_tried.append(codec.tile)
+        if codec.tile > 512:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_decode(*args)
+
+    codec.decode = decode_needing_small_tiles
+    out = d(Item(uri=row["output_uri"], relpath="chelsea.png.ghp.rfic"), 0, 1)
+    assert out["status"] == "ok", out["error"]
+    assert tiles_tried == [2048, 1024, 512] and codec.tile == 2048

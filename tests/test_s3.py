@@ -103,3 +103,34 @@ def test_resume_on_s3_sees_parts_written_by_workers(s3_server, s3fs_client, buck
     third = recompress.run(spec)
     assert third["resumed_shards"] == 3
     assert len(read_manifest(fs, f"{bucket}/out")) == 3
+
+
+def test_s3_walk_pages_in_key_order_and_resumes_after_a_failed_page(s3_server, s3fs_client, bucket, monkeypatch):
+    """Pages of 3 keys, and the store refuses every second page request once: the walk asks
+    for the same page again, so nothing is skipped or listed twice, in the same order as a
+    walk without failures (the order shards are cut in)."""
+    from ratefit.jobs import plan
+    from ratefit.workers import storage
+
+    fs = s3fs_client
+    keys = sorted([f"p/{c}{i}.png" for c in "ab" for i in range(4)] + ["p/sub/z.png", "p/sub dir/ü.png"])
+    for k in keys:
+        fs.pipe_file(f"{bucket}/{k}", b"x")
+    fs.pipe_file(f"{bucket}/other/outside.png", b"x")
+    monkeypatch.setattr(plan, "S3_PAGE_KEYS", 3)
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    jfs, root = storage.open_fs(f"s3://{bucket}/p", s3_server.storage_options)
+    clean = list(plan.walk_files(jfs, root))
+    real_call, calls = jfs.call_s3, []
+
+    def flaky_call(method, **params):
+        calls.append(params.get("ContinuationToken"))
+        if len(calls) % 2 == 0:
+            raise ConnectionResetError("connection reset by peer")
+        return real_call(method, **params)
+
+    monkeypatch.setattr(jfs, "call_s3", flaky_call)
+    listed = list(plan.walk_files(jfs, root))
+    assert listed == clean
+    assert sorted(listed) == [f"{bucket}/{k}" for k in keys]
+    assert len(calls) >= 2 * (len(keys) // 3)

@@ -7,11 +7,10 @@ re-run resumes instead of recording good inputs as errors.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -22,12 +21,9 @@ from ratefit.codecs.registry import get_codec
 from ratefit.workers.decompress import decode_container
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
+from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
 from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join
-
-log = logging.getLogger("ratefit")
-MIN_TILE = 256    # smallest tile an out-of-memory retry goes down to (pixels)
-TILE_STEP = 64    # tiles are whole multiples of the learned codecs' padding
 
 
 @dataclass
@@ -41,25 +37,6 @@ class CompressConfig:
     ms_ssim: bool = True
     manifest_dir: str = MANIFEST_DIR    # a budget job's correction pass commits its rows elsewhere
     verify: bool = False                # read each stored file back and decode it before its row says ok
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """A device (GPU) allocation failure, as torch raises it."""
-    return type(error).__name__ == "OutOfMemoryError" or (
-        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
-
-
-def release_device_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:
-        pass
 
 
 class VerifyError(ItemError):
@@ -105,8 +82,8 @@ class Compressor:
             h, w = image.height, image.width
             row.update(width=w, height=h, original_mode=image.original_mode)
 
-            self._with_memory_fallback(lambda: self._encode_write_measure(image, target, out_path, row, stages),
-                                       image, item)
+            with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, out_path, row, stages),
+                               max(image.width, image.height), item.uri)
         except StorageUnavailable:
             raise   # an outage is not this item's fault: the shard stops, the job reports it, a re-run resumes
         except VerifyError as e:
@@ -148,33 +125,6 @@ class Compressor:
             psnr=p if math.isfinite(p) else float("inf"),
             ms_ssim=ms_ssim(image.pixels, restored) if self.config.ms_ssim else None,
         )
-
-    def _with_memory_fallback(self, work: Callable[[], None], image, item: Item) -> None:
-        """Run ``work``; on a device out-of-memory, retry this item alone with smaller tiles.
-
-        A codec that tiles (``tile`` attribute) gets half the tile size each time, down to
-        MIN_TILE; the worker's tile size is restored afterwards, so one huge item does not
-        slow the rest. Without tiles to shrink, the error stands for this item only.
-        """
-        tile0 = getattr(self.codec, "tile", None)
-        try:
-            while True:
-                try:
-                    return work()
-                except Exception as e:
-                    if not is_out_of_memory(e) or tile0 is None:
-                        raise
-                    current = self.codec.tile or max(image.width, image.height)
-                    smaller = (current // 2) // TILE_STEP * TILE_STEP
-                    if smaller < MIN_TILE:
-                        raise
-                    release_device_memory()
-                    log.warning("%s: out of memory on the device (%s); retrying this item alone with %d px tiles",
-                                redact(item.uri), type(e).__name__, smaller)
-                    self.codec.tile = smaller
-        finally:
-            if tile0 is not None:
-                self.codec.tile = tile0
 
     def verify(self, out_path: str, blob: bytes, prepared: Any, value: float) -> np.ndarray:
         """Read the stored file back, decode it as a decompress job would, and compare.

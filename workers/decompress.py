@@ -15,6 +15,7 @@ from ratefit.codecs.base import Codec, CodecError
 from ratefit.codecs.registry import get_codec
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import DECOMPRESS_SCHEMA, empty_row
+from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_bytes
 from ratefit.workers.storage import StorageUnavailable, atomic_write, full_url, open_fs, redact, safe_join
 
@@ -88,6 +89,17 @@ class Decompressor:
                                       f"{codec.weights_sha256.hex()[:16] or '(none)'}…")
         return codec
 
+    def decode(self, data: bytes, what: str) -> tuple[container.Header, np.ndarray]:
+        """decode_container, retried alone with smaller tiles if the device runs out of memory."""
+        def run() -> tuple[container.Header, np.ndarray]:
+            return decode_container(data, self.codec_for, self.config.max_pixels)
+
+        try:
+            header, _ = container.unpack(data)
+        except container.ContainerError:
+            return run()   # raises the container's own error, as an ItemError
+        return with_tile_fallback(self.codec_for(header), run, max(header.width, header.height), what)
+
     def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
         row = empty_row(DECOMPRESS_SCHEMA)
         row.update(input_uri=redact(item.uri), attempt=attempt, shard=shard)
@@ -106,7 +118,7 @@ class Decompressor:
             row["input_bytes"] = len(data)
             stage = "decode"
             t0 = time.perf_counter()
-            header, pixels = decode_container(data, self.codec_for, self.config.max_pixels)
+            header, pixels = self.decode(data, item.uri)
             row["codec"] = header.codec
             row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
             stage = "write"

@@ -16,6 +16,7 @@ from ratefit.codecs.probe import probe, probe_values
 from ratefit.codecs.registry import get_codec
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import PROBE_SCHEMA, empty_row
+from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
 from ratefit.workers.storage import StorageUnavailable, open_fs, redact
 
@@ -52,9 +53,13 @@ class Prober:
             image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
             row.update(width=image.width, height=image.height)
             t0 = time.perf_counter()
-            prepared = codec.prepare(image.pixels)
             overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
-            points = [probe(codec, prepared, image.pixels, v, overhead) for v in self.values]
+
+            def measure() -> list:
+                prepared = codec.prepare(image.pixels)
+                return [probe(codec, prepared, image.pixels, v, overhead) for v in self.values]
+
+            points = with_tile_fallback(codec, measure, max(image.width, image.height), item.uri)
             row.update(status="ok", probe_value=[p.value for p in points],
                        probe_bytes=[p.stored_bytes for p in points], probe_psnr=[p.psnr for p in points],
                        probe_exact=all(p.exact for p in points), probe_ms=(time.perf_counter() - t0) * 1000.0)
