@@ -1,9 +1,10 @@
-"""Faults injected into real jobs: the S3 server stopped and restarted mid-job, the driver
-killed mid-job, and a collection of bad and odd inputs on S3 (read by Ray worker
-processes through a listing), with the credentials kept out of everything written.
+"""Faults injected into real jobs: the S3 server stopped and restarted mid-job, and a
+collection of bad and odd inputs on S3 (read by Ray worker processes through a listing),
+with the credentials kept out of everything written or logged.
 
-The killed worker process is in test_job_local.py; the worker-level faults (a corrupting
-store, an out-of-memory item) are in test_reliability.py.
+Elsewhere: a killed worker process (test_job_local.py), a killed driver and its embedded
+Ray (test_cli.py), the worker-level faults (a corrupting store, an out-of-memory item,
+test_reliability.py) and the decoders under fuzzing (test_decoder_safety.py).
 """
 
 from __future__ import annotations
@@ -11,17 +12,11 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
-import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 import uuid
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -91,45 +86,6 @@ def test_s3_server_stopped_and_restarted_mid_job(tmp_path, samples_dir):
         assert committed_before < 10, "shards were still running when the store went away"
     finally:
         server.stop()
-
-
-# -------------------------------------------------------------------- driver killed
-
-def test_driver_killed_mid_job_resumes_without_duplicates(tmp_path, samples_dir):
-    src = tmp_path / "in"
-    src.mkdir()
-    for i in range(12):
-        shutil.copy(samples_dir / "coffee.png", src / f"img{i:02d}.png")
-    out = tmp_path / "out"
-    args = [str(src), str(out), "--codec", "avif", "--target-bpp", "0.6", "--shard-size", "1", "--workers", "1",
-            "--no-ms-ssim", "--no-progress"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen([sys.executable, "-m", "ratefit.jobs.recompress", *args], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        parts = out / "_manifest"
-        _wait_for(lambda: len(list(parts.glob("part-*.parquet"))) >= 2 or driver.poll() is not None,
-                  240, "two committed shards")
-        assert driver.poll() is None, "the driver finished before it could be killed"
-        driver.kill()                  # SIGKILL: no cleanup, no _SUCCESS
-        driver.wait(30)
-    finally:
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)   # its embedded Ray, if any of it lingers
-        except ProcessLookupError:
-            pass
-    committed = len(list(parts.glob("part-*.parquet")))
-    assert committed < 12 and not (out / "_SUCCESS").exists()
-
-    summary = recompress.run(JobSpec(input=str(src), output=str(out), codec="avif", target_bpp=0.6, shard_size=1,
-                                     workers=1, ms_ssim=False))
-    assert summary["statuses"] == {"ok": 12}
-    assert summary["resumed_shards"] >= 2
-    rows = pq.read_table(str(parts)).to_pylist()
-    assert sorted(Path(r["input_uri"]).name for r in rows) == [f"img{i:02d}.png" for i in range(12)]
-    for r in rows:
-        assert Path(r["output_uri"]).stat().st_size == r["output_bytes"]
-        Image.open(src / Path(r["input_uri"]).name)   # inputs untouched
 
 
 # ------------------------------------------------------------------- bad inputs on S3
