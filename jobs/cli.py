@@ -17,10 +17,11 @@ def run_guarded(fn: Callable[[], int]) -> int:
     from ratefit.jobs.plan import PlanError
     from ratefit.jobs.runner import JobError
     from ratefit.jobs.spec import SpecError
+    from ratefit.workers.storage import StorageUnavailable
 
     try:
         return fn()
-    except (SpecError, PlanError, JobError, ContainerError, KeyError, FileNotFoundError) as e:
+    except (SpecError, PlanError, JobError, ContainerError, StorageUnavailable, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"ratefit: error: {redact(str(msg))}", file=sys.stderr)
         return 2

@@ -63,6 +63,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, help="items per shard / manifest part (default 16)")
     p.add_argument("--storage-options", type=_json_arg,
                    help='fsspec storage options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:8333"}\'')
+    p.add_argument("--storage-retry-s", type=float, help="how long reads and writes ride out a storage outage "
+                                                          "before the job stops, resumable (default 120)")
     p.add_argument("--overwrite", action="store_true", default=None, help="discard an earlier run in OUTPUT and start over")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the progress bar")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
@@ -97,7 +99,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "extensions", "max_pixels", "ms_ssim", "verify", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "extensions", "max_pixels", "ms_ssim", "verify", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress")
 
 

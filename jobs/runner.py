@@ -27,7 +27,8 @@ from ratefit.jobs.spec import JobSpec
 from ratefit.workers.actor import ShardWorker
 from ratefit.workers.items import Shard
 from ratefit.workers.manifest import MANIFEST_DIR, existing_parts, part_name, write_part
-from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch, open_fs, redact, with_retries
+from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, open_fs, redact, set_retry_window,
+                                     with_retries)
 
 log = logging.getLogger("ratefit")
 JOB_RECORD = "_ratefit_job.json"
@@ -125,6 +126,7 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
     import ray
     from ray.exceptions import RayActorError, RayError
 
+    set_retry_window(spec.storage_retry_s)
     fs, root = open_fs(spec.output, spec.storage_options)
     manifest_root = f"{root}/{manifest_dir}"
     with_retries(lambda: _prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
@@ -141,7 +143,7 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
         # The driver restarts actors itself (a fresh one replaces a dead one), so it always
         # knows which attempt a shard is on and never loses capacity.
         remote_cls = ray.remote(ShardWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0)
-        slots = [_Slot(remote_cls.remote(worker_config)) for _ in range(n_workers)]
+        slots = [_Slot(remote_cls.remote(worker_config, spec.storage_retry_s)) for _ in range(n_workers)]
         done = existing_parts(fs, manifest_root)
         in_flight: dict[Any, tuple[_Slot, Any, Shard, int]] = {}
 
@@ -165,10 +167,10 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
                 raise JobError(f"shard {shard.index}: {cause}. Nothing is lost: re-run the same "
                                "command once the store answers, and the job resumes") from None
             except RayError as e:
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                reason = redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 if isinstance(e, RayActorError) and slot.actor is actor:
                     log.warning("worker for shard %d died (%s); starting a new one", shard.index, reason)
-                    slot.actor = remote_cls.remote(worker_config)
+                    slot.actor = remote_cls.remote(worker_config, spec.storage_retry_s)
                 if attempt < MAX_ATTEMPTS:
                     log.warning("shard %d attempt %d failed (%s); retrying", shard.index, attempt, reason)
                     state.retried_shards += 1

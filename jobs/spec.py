@@ -57,6 +57,7 @@ class JobSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     ms_ssim: bool = True
     verify: bool = False               # decode each stored file back on the worker (not hashed: outputs are the same)
+    storage_retry_s: float = 120.0     # how long storage operations ride out an outage before the job stops
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     address: str | None = None         # Ray address; None = embedded local Ray (or the submitting cluster)
@@ -110,6 +111,9 @@ class JobSpec:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SpecError(f"{k}: must be a positive integer, got {v!r}")
+        v = self.storage_retry_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise SpecError(f"storage_retry_s: must be a number of seconds >= 0, got {v!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
                                          or self.workers < 1):
             raise SpecError(f"workers: must be a positive integer, got {self.workers!r}")

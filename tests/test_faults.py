@@ -88,6 +88,53 @@ def test_s3_server_stopped_and_restarted_mid_job(tmp_path, samples_dir):
         server.stop()
 
 
+def test_a_longer_outage_stops_the_job_clearly_and_a_rerun_resumes(tmp_path, samples_dir):
+    import s3fs
+
+    from ratefit.cluster.s3server import S3Server
+    from ratefit.jobs.runner import JobError
+
+    server = S3Server(str(tmp_path / "s3")).start()
+    try:
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
+        fs.mkdir("long")
+        photo = (samples_dir / "coffee.png").read_bytes()
+        for i in range(10):
+            fs.pipe_file(f"long/in/img{i:02d}.png", photo)
+        spec = dict(input="s3://long/in", output="s3://long/out", codec="avif", target_bpp=0.6, shard_size=1,
+                    workers=2, ms_ssim=False, storage_options=server.storage_options)
+        result: dict = {}
+
+        def job() -> None:
+            try:
+                result["summary"] = recompress.run(JobSpec(**spec, storage_retry_s=2))
+            except Exception as e:
+                result["error"] = e
+
+        t = threading.Thread(target=job)
+        t.start()
+        _wait_for(lambda: fs.invalidate_cache() or fs.exists("long/out/_manifest/part-00000.parquet")
+                  or not t.is_alive(), 180, "the first committed shard")
+        assert t.is_alive(), "the job ended before the outage could be injected"
+        server.stop()                  # and it stays down past the 2 s retry window
+        t.join(120)
+        assert not t.is_alive()
+        error = result.get("error")
+        assert isinstance(error, JobError), result
+        assert "storage unreachable" in str(error) and "re-run the same command" in str(error)
+        assert server.secret_key not in str(error)
+
+        server.start()
+        summary = recompress.run(JobSpec(**spec))
+        assert summary["statuses"] == {"ok": 10} and summary["resumed_shards"] >= 1
+        rows = read_manifest(fs, "long/out")
+        assert sorted(r["input_uri"] for r in rows) == [f"s3://long/in/img{i:02d}.png" for i in range(10)]
+        for r in rows:
+            assert fs.size(r["output_uri"]) == r["output_bytes"]
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------- bad inputs on S3
 
 def _png_header_only(width: int, height: int) -> bytes:

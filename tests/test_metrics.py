@@ -104,3 +104,14 @@ def test_ms_ssim_does_not_modify_inputs(big):
     a0, b0 = a.copy(), b.copy()
     ms_ssim(a, b)
     assert np.array_equal(a, a0) and np.array_equal(b, b0)
+
+
+def test_mse_in_row_chunks_equals_the_float_reference():
+    from ratefit.codecs import metrics
+
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (metrics._MSE_ROWS * 2 + 17, 33, 3), dtype=np.uint8)
+    b = rng.integers(0, 256, a.shape, dtype=np.uint8)
+    d = a.astype(np.float64) - b.astype(np.float64)
+    assert metrics.mse(a, b) == pytest.approx(float(np.mean(d * d)), rel=1e-12)
+    assert metrics.mse(np.zeros((3, 3, 3), np.uint8), np.full((3, 3, 3), 255, np.uint8)) == 255.0 ** 2

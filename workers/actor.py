@@ -16,10 +16,13 @@ from ratefit.workers.decompress import DecompressConfig, Decompressor
 from ratefit.workers.items import Shard
 from ratefit.workers.manifest import MANIFEST_DIR, write_part
 from ratefit.workers.probe import ProbeConfig, Prober
+from ratefit.workers.storage import set_retry_window
 
 
 class ShardWorker:
-    def __init__(self, config: CompressConfig | DecompressConfig | ProbeConfig):
+    def __init__(self, config: CompressConfig | DecompressConfig | ProbeConfig, storage_retry_s: float | None = None):
+        if storage_retry_s is not None:
+            set_retry_window(storage_retry_s)
         if isinstance(config, CompressConfig):
             self.processor: Compressor | Decompressor | Prober = Compressor(config)
         elif isinstance(config, ProbeConfig):

@@ -20,6 +20,7 @@ log = logging.getLogger("ratefit")
 T = TypeVar("T")
 # How long one storage operation keeps retrying a store that does not answer before the
 # item's shard gives up with StorageUnavailable (the job then stops and a re-run resumes).
+# Per process: the driver and each worker set it from the job's spec (set_retry_window).
 STORAGE_RETRY_S = 120.0
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
                      errno.ECONNABORTED, errno.EPIPE, errno.ENETUNREACH, errno.EHOSTUNREACH}
@@ -55,6 +56,12 @@ def is_transient(error: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def set_retry_window(seconds: float) -> None:
+    """How long this process's storage operations ride out an outage (the job's --storage-retry-s)."""
+    global STORAGE_RETRY_S
+    STORAGE_RETRY_S = float(seconds)
 
 
 def with_retries(op: Callable[[], T], what: str, window_s: float | None = None) -> T:
