@@ -34,7 +34,7 @@ _LEN = struct.Struct("<I")
 # Images wider or taller than this go through the transforms in tiles (with a halo, so the
 # result matches the whole-image one): memory stays bounded for any size. Changing it does
 # not change the format; encoder and decoder only need the same value for bit-exact output.
-DEFAULT_TILE = 2048
+DEFAULT_TILE = 1024
 
 
 def resolve_device(device: str) -> torch.device:

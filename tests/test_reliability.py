@@ -169,8 +169,8 @@ def test_out_of_memory_item_is_retried_alone_with_smaller_tiles(tmp_path, sample
     c.codec.prepare = prepare_needing_small_tiles
     row = c(_item(samples_dir, "astronaut.png"), 0, 1)
     assert row["status"] == "ok", row["error"]
-    assert tiles_tried == [2048, 1024, 512, 256]
-    assert c.codec.tile == 2048, "the worker goes back to its tile size for the next item"
+    assert tiles_tried == [1024, 512, 256]
+    assert c.codec.tile == 1024, "the worker goes back to its tile size for the next item"
     assert c(_item(samples_dir, "chelsea.png"), 0, 1)["status"] == "ok"
 
 
@@ -183,7 +183,7 @@ def test_out_of_memory_that_persists_is_one_error_row(tmp_path, samples_dir):
     c.codec.prepare = always_oom
     row = c(_item(samples_dir), 0, 1)
     assert row["status"] == "error" and row["error"].startswith("encode: OutOfMemoryError")
-    assert c.codec.tile == 2048
+    assert c.codec.tile == 1024
 
 
 def test_decompress_retries_an_out_of_memory_item_with_smaller_tiles(tmp_path, samples_dir):
@@ -196,11 +196,40 @@ def test_decompress_retries_an_out_of_memory_item_with_smaller_tiles(tmp_path, s
 
     def decode_needing_small_tiles(*args):
         tiles_tried.append(codec.tile)
-        if codec.tile > 512:
+        if codec.tile > 256:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real_decode(*args)
 
     codec.decode = decode_needing_small_tiles
     out = d(Item(uri=row["output_uri"], relpath="chelsea.png.ghp.rfic"), 0, 1)
     assert out["status"] == "ok", out["error"]
-    assert tiles_tried == [2048, 1024, 512] and codec.tile == 2048
+    assert tiles_tried == [1024, 512, 256] and codec.tile == 1024
+
+
+@pytest.mark.gpu
+def test_a_real_gpu_out_of_memory_is_retried_with_smaller_tiles(tmp_path, samples_dir):
+    """On a GPU capped to 2 GiB, a 4096x4096 image does not fit through the transforms whole
+    (tile 4096) but does through smaller tiles: the item ends ok and the worker keeps its
+    tile size."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (owed to a session with a GPU)")
+    big = tmp_path / "big.png"
+    Image.open(samples_dir / "astronaut.png").convert("RGB").resize((4096, 4096)).save(big)
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 2 * 2**30 / total))
+    try:
+        c = _compressor(tmp_path, "gain-hyperprior", codec_options={"device": "cuda", "tile": 4096})
+        real_prepare, tiles_seen = c.codec.prepare, []
+
+        def recording_prepare(image):
+            tiles_seen.append(c.codec.tile)
+            return real_prepare(image)
+
+        c.codec.prepare = recording_prepare
+        row = c(Item(uri=str(big), relpath="big.png"), 0, 1)
+        assert row["status"] in ("ok", "unreachable"), row["error"]
+        assert tiles_seen[0] == 4096 and len(tiles_seen) > 1, f"no out-of-memory at 2 GiB: tiles {tiles_seen}"
+        assert c.codec.tile == 4096
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ from ratefit.workers.decompress import decode_container
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
 from ratefit.workers.memory import with_tile_fallback
-from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
+from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image
 from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join
 
 
@@ -94,8 +94,9 @@ class Compressor:
             row.update(status="error", error=redact(f"{stages[-1]}: {type(e).__name__}: {e}"))
         return row
 
-    def _encode_write_measure(self, image, target: Target, out_path: str, row: dict[str, Any],
+    def _encode_write_measure(self, image: DecodedImage, target: Target, out_path: str, row: dict[str, Any],
                               stages: list[str]) -> None:
+        """Everything after reading, as one unit an out-of-memory retry can run again."""
         codec = self.codec
         h, w = image.height, image.width
         stages.append("encode")
