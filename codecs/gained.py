@@ -23,6 +23,7 @@ import copy
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -44,6 +45,9 @@ LATENT_STRIDE = 16  # pixels per latent position (g_a downsamples four times by 
 # Context around a tile: g_a sees 30 px each side and g_s under 2 latents each side, so a
 # 64 px (4 latent) halo makes each tile's inner part equal to the whole-image result.
 TILE_HALO = 64
+# h_s (float64) runs over tiles of 32 z positions (2048 px) with 4 of context (it sees < 2).
+HYPER_TILE, HYPER_HALO, HYPER_UP = 32, 4, 4
+ESTIMATE_CHANNELS = 32   # latent channels priced at a time by estimate_bits
 
 
 def geometric_lambdas(low: float, high: float, levels: int) -> tuple[float, ...]:
@@ -158,16 +162,7 @@ class GainedHyperprior(CompressionModel):
         ``tile`` > 0 runs the analysis over tiles of that many pixels (plus a halo), so the
         transform's activations, which dwarf the latent, stay bounded for any image size.
         """
-        if not _needs_tiles(x, tile):
-            return self.g_a(x)
-        h, w = x.shape[-2:]
-        y = x.new_empty((x.shape[0], self.config.M, h // LATENT_STRIDE, w // LATENT_STRIDE))
-        for r0, c0 in _tile_origins(h, w, tile):
-            (a, b, c, d), (ia, ib, ic, id_) = _tile_window(r0, c0, h, w, tile, TILE_HALO)
-            part = self.g_a(x[..., a:b, c:d])
-            y[..., r0 // LATENT_STRIDE:(r0 + tile) // LATENT_STRIDE, c0 // LATENT_STRIDE:(c0 + tile) // LATENT_STRIDE] = \
-                part[..., ia // LATENT_STRIDE:ib // LATENT_STRIDE, ic // LATENT_STRIDE:id_ // LATENT_STRIDE]
-        return y
+        return run_tiled(self.g_a, x, tile, TILE_HALO, self.config.M, 1, LATENT_STRIDE)
 
     def _hyper(self, y: torch.Tensor, v: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
         vv = torch.tensor([float(v)], device=y.device)
@@ -180,7 +175,10 @@ class GainedHyperprior(CompressionModel):
         """Scale-table indexes and means from the decoded hyper-latent, in float64."""
         vv = torch.tensor([float(v)], device=z_hat_g.device)
         inv_hgain = self._interpolate(self.log_inv_hgain.detach().double(), vv)
-        params = self.h_s64()(z_hat_g.double() * inv_hgain)
+        # Over tiles of z for large images: float64 convolutions on the CPU unfold their
+        # input (a 48 MP image's would take ~5 GB whole). Encoder and decoder tile alike.
+        params = run_tiled(self.h_s64(), z_hat_g.double() * inv_hgain, HYPER_TILE, HYPER_HALO,
+                           2 * self.config.M, HYPER_UP, 1)
         scales, means = params.chunk(2, 1)
         indexes = self.gaussian_conditional.build_indexes(scales)
         return indexes, means, scales
@@ -196,10 +194,16 @@ class GainedHyperprior(CompressionModel):
         y_g, z_g, _ = self._hyper(y, v)
         z_sym, z_hat_g = self._quantize_z(z_g)
         indexes, means, _ = self._entropy_params(z_hat_g, v)
-        y_sym = torch.round(y_g.double() - means).long()
+        # Priced in channel blocks: the int64/float64 temporaries of a whole 48 MP latent
+        # would take gigabytes; a block's take a fraction of the latent itself.
+        y_tables = self._coder_tables(self.gaussian_conditional)
+        bits = 0.0
+        for c in range(0, y_g.shape[1], ESTIMATE_CHANNELS):
+            block = slice(c, c + ESTIMATE_CHANNELS)
+            y_sym = torch.round(y_g[:, block].double() - means[:, block]).long()
+            bits += _coded_bits(y_sym, indexes[:, block].long(), *y_tables)
         channel = torch.arange(z_sym.shape[1], device=z_sym.device).reshape(1, -1, 1, 1).expand_as(z_sym)
-        return (_coded_bits(y_sym, indexes.long(), *self._coder_tables(self.gaussian_conditional))
-                + _coded_bits(z_sym, channel, *self._coder_tables(self.entropy_bottleneck))
+        return (bits + _coded_bits(z_sym, channel, *self._coder_tables(self.entropy_bottleneck))
                 + 2 * 8 * STREAM_FLUSH_BYTES)
 
     def _quantize_z(self, z_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,17 +246,9 @@ class GainedHyperprior(CompressionModel):
         """
         vv = torch.tensor([float(v)], device=y_hat_g.device)
         inv_gain = self._interpolate(self.log_inv_gain.detach().double(), vv)
-        y = y_hat_g * inv_gain
-        h, w = y.shape[-2] * LATENT_STRIDE, y.shape[-1] * LATENT_STRIDE
-        if not _needs_tiles((h, w), tile):
-            return self.g_s(y.float()).clamp_(0, 1)
-        out = torch.empty((y.shape[0], 3, h, w), device=y.device)
+        y = (y_hat_g * inv_gain).float()
         s = LATENT_STRIDE
-        for r0, c0 in _tile_origins(h, w, tile):
-            (a, b, c, d), (ia, ib, ic, id_) = _tile_window(r0, c0, h, w, tile, TILE_HALO)
-            part = self.g_s(y[..., a // s:b // s, c // s:d // s].float())
-            out[..., r0:r0 + tile, c0:c0 + tile] = part[..., ia:ib, ic:id_]
-        return out.clamp_(0, 1)
+        return run_tiled(self.g_s, y, tile // s, TILE_HALO // s, 3, s, 1).clamp_(0, 1)
 
     def reconstruct(self, y: torch.Tensor, v: float, tile: int = 0) -> torch.Tensor:
         """The decoder's output at level ``v`` without entropy coding (for R-D probes).
@@ -292,21 +288,29 @@ def _coded_bits(symbols: torch.Tensor, rows: torch.Tensor, cdf: torch.Tensor, of
     return bits
 
 
-def _needs_tiles(x: torch.Tensor | tuple[int, int], tile: int) -> bool:
-    h, w = x if isinstance(x, tuple) else x.shape[-2:]
-    return tile > 0 and (h > tile or w > tile)
+def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, halo: int,
+              out_channels: int, up: int, down: int) -> torch.Tensor:
+    """``fn(x)`` computed over ``tile``-sized windows of x with ``halo`` of context each side.
 
-
-def _tile_origins(h: int, w: int, tile: int) -> list[tuple[int, int]]:
-    return [(r, c) for r in range(0, h, tile) for c in range(0, w, tile)]
-
-
-def _tile_window(r0: int, c0: int, h: int, w: int, tile: int, halo: int
-                 ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
-    """The haloed window (rows a:b, cols c:d) around a tile, and the tile's place inside it."""
-    a, b = max(r0 - halo, 0), min(r0 + tile + halo, h)
-    c, d = max(c0 - halo, 0), min(c0 + tile + halo, w)
-    return (a, b, c, d), (r0 - a, min(r0 + tile, h) - a, c0 - c, min(c0 + tile, w) - c)
+    ``fn`` maps an input window of HxW to (H*up/down)x(W*up/down); the halo must cover its
+    receptive field, so that each tile's inner part equals the whole-input result, and be
+    a multiple of ``down`` (as must ``tile``). ``tile`` <= 0, or an input that fits in one
+    tile, runs ``fn`` once.
+    """
+    h, w = x.shape[-2:]
+    if tile <= 0 or (h <= tile and w <= tile):
+        return fn(x)
+    out = x.new_empty((x.shape[0], out_channels, h * up // down, w * up // down))
+    for r0 in range(0, h, tile):
+        for c0 in range(0, w, tile):
+            a, b = max(r0 - halo, 0), min(r0 + tile + halo, h)
+            c, d = max(c0 - halo, 0), min(c0 + tile + halo, w)
+            part = fn(x[..., a:b, c:d])
+            rows = slice((r0 - a) * up // down, (min(r0 + tile, h) - a) * up // down)
+            cols = slice((c0 - c) * up // down, (min(c0 + tile, w) - c) * up // down)
+            out[..., r0 * up // down:min(r0 + tile, h) * up // down,
+                c0 * up // down:min(c0 + tile, w) * up // down] = part[..., rows, cols]
+    return out
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:

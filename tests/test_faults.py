@@ -47,7 +47,12 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 # ------------------------------------------------------------------ S3 outage mid-job
 
-def test_s3_server_stopped_and_restarted_mid_job(tmp_path, samples_dir):
+EXPECTED = [f"s3://photos/in/img{i:02d}.png" for i in range(10)]
+
+
+@pytest.fixture()
+def own_s3(tmp_path, samples_dir):
+    """A server of this test's own (the session's must keep running), holding 10 photos."""
     import s3fs
 
     from ratefit.cluster.s3server import S3Server
@@ -55,84 +60,77 @@ def test_s3_server_stopped_and_restarted_mid_job(tmp_path, samples_dir):
     server = S3Server(str(tmp_path / "s3")).start()
     try:
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
-        fs.mkdir("outage")
+        fs.mkdir("photos")
         photo = (samples_dir / "coffee.png").read_bytes()
-        for i in range(10):
-            fs.pipe_file(f"outage/in/img{i:02d}.png", photo)
-        spec = JobSpec(input="s3://outage/in", output="s3://outage/out", codec="avif", target_bpp=0.6,
-                       shard_size=1, workers=2, ms_ssim=False, storage_options=server.storage_options)
-        result: dict = {}
-        job = threading.Thread(target=lambda: result.update(summary=recompress.run(spec)))
-        job.start()
-        _wait_for(lambda: fs.invalidate_cache() or fs.exists("outage/out/_manifest/part-00000.parquet")
-                  or not job.is_alive(), 180, "the first committed shard")
-        assert job.is_alive(), "the job ended before the outage could be injected"
-        fs.invalidate_cache()
-        committed_before = len(fs.glob("outage/out/_manifest/part-*.parquet"))
-        server.stop()                  # SIGTERM: the store is gone ...
-        down_at = time.monotonic()
-        time.sleep(3)
-        server.start()                 # ... and back on the same port with the same data
-        outage_s = time.monotonic() - down_at
-        job.join(300)
-        assert not job.is_alive()
-        summary = result["summary"]
-        assert summary["statuses"] == {"ok": 10}, summary
-        rows = read_manifest(fs, "outage/out")
-        assert sorted(r["input_uri"] for r in rows) == [f"s3://outage/in/img{i:02d}.png" for i in range(10)]
-        for r in rows:
-            assert fs.size(r["output_uri"]) == r["output_bytes"]
-        assert outage_s > 5, "the store was down for a real while"
-        assert committed_before < 10, "shards were still running when the store went away"
+        for uri in EXPECTED:
+            fs.pipe_file(uri, photo)
+        spec = dict(input="s3://photos/in", output="s3://photos/out", codec="avif", target_bpp=0.6, shard_size=1,
+                    workers=2, ms_ssim=False, storage_options=server.storage_options)
+        yield server, fs, spec
     finally:
         server.stop()
 
 
-def test_a_longer_outage_stops_the_job_clearly_and_a_rerun_resumes(tmp_path, samples_dir):
-    import s3fs
+def _start_job(spec: JobSpec, fs) -> tuple[threading.Thread, dict]:
+    """Run the job in a thread; return once its first shard is committed and it is still going."""
+    result: dict = {}
 
-    from ratefit.cluster.s3server import S3Server
+    def job() -> None:
+        try:
+            result["summary"] = recompress.run(spec)
+        except Exception as e:
+            result["error"] = e
+
+    t = threading.Thread(target=job)
+    t.start()
+    _wait_for(lambda: fs.invalidate_cache() or fs.exists("photos/out/_manifest/part-00000.parquet")
+              or not t.is_alive(), 180, "the first committed shard")
+    assert t.is_alive(), "the job ended before the outage could be injected"
+    return t, result
+
+
+def _check_complete(fs, summary: dict) -> None:
+    assert summary["statuses"] == {"ok": 10}, summary
+    rows = read_manifest(fs, "photos/out")
+    assert sorted(r["input_uri"] for r in rows) == EXPECTED, "every input once"
+    for r in rows:
+        assert fs.size(r["output_uri"]) == r["output_bytes"], "no row points at a partial file"
+
+
+def test_s3_server_stopped_and_restarted_mid_job(own_s3):
+    server, fs, spec = own_s3
+    job, result = _start_job(JobSpec(**spec), fs)
+    fs.invalidate_cache()
+    committed_before = len(fs.glob("photos/out/_manifest/part-*.parquet"))
+    server.stop()                  # SIGTERM: the store is gone ...
+    down_at = time.monotonic()
+    time.sleep(3)
+    server.start()                 # ... and back on the same port with the same data
+    outage_s = time.monotonic() - down_at
+    job.join(300)
+    assert not job.is_alive() and "error" not in result, result
+    _check_complete(fs, result["summary"])
+    assert outage_s > 5, "the store was down for a real while"
+    assert committed_before < 10, "shards were still running when the store went away"
+
+
+def test_a_longer_outage_stops_the_job_clearly_and_a_rerun_resumes(own_s3):
     from ratefit.jobs.runner import JobError
 
-    server = S3Server(str(tmp_path / "s3")).start()
-    try:
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
-        fs.mkdir("long")
-        photo = (samples_dir / "coffee.png").read_bytes()
-        for i in range(10):
-            fs.pipe_file(f"long/in/img{i:02d}.png", photo)
-        spec = dict(input="s3://long/in", output="s3://long/out", codec="avif", target_bpp=0.6, shard_size=1,
-                    workers=2, ms_ssim=False, storage_options=server.storage_options)
-        result: dict = {}
+    server, fs, spec = own_s3
+    job, result = _start_job(JobSpec(**spec, storage_retry_s=2), fs)
+    server.stop()                  # and it stays down past the 2 s retry window
+    job.join(120)
+    assert not job.is_alive()
+    error = result.get("error")
+    assert isinstance(error, JobError), result
+    assert "storage unreachable" in str(error) and "re-run the same command" in str(error)
+    assert server.secret_key not in str(error)
 
-        def job() -> None:
-            try:
-                result["summary"] = recompress.run(JobSpec(**spec, storage_retry_s=2))
-            except Exception as e:
-                result["error"] = e
-
-        t = threading.Thread(target=job)
-        t.start()
-        _wait_for(lambda: fs.invalidate_cache() or fs.exists("long/out/_manifest/part-00000.parquet")
-                  or not t.is_alive(), 180, "the first committed shard")
-        assert t.is_alive(), "the job ended before the outage could be injected"
-        server.stop()                  # and it stays down past the 2 s retry window
-        t.join(120)
-        assert not t.is_alive()
-        error = result.get("error")
-        assert isinstance(error, JobError), result
-        assert "storage unreachable" in str(error) and "re-run the same command" in str(error)
-        assert server.secret_key not in str(error)
-
-        server.start()
-        summary = recompress.run(JobSpec(**spec))
-        assert summary["statuses"] == {"ok": 10} and summary["resumed_shards"] >= 1
-        rows = read_manifest(fs, "long/out")
-        assert sorted(r["input_uri"] for r in rows) == [f"s3://long/in/img{i:02d}.png" for i in range(10)]
-        for r in rows:
-            assert fs.size(r["output_uri"]) == r["output_bytes"]
-    finally:
-        server.stop()
+    server.start()
+    summary = recompress.run(JobSpec(**spec))
+    _check_complete(fs, summary)
+    assert summary["resumed_shards"] >= 1
 
 
 # ------------------------------------------------------------------- bad inputs on S3

@@ -233,3 +233,26 @@ def test_a_real_gpu_out_of_memory_is_retried_with_smaller_tiles(tmp_path, sample
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+def test_hyper_synthesis_over_tiles_matches_the_whole_latent(samples_dir):
+    """A strip wider than 2048 px: h_s runs over z tiles; scale indexes must be the ones the
+    whole-latent float64 pass gives, or encoder and decoder would disagree with old streams."""
+    from ratefit.codecs import gained
+
+    strip = np.asarray(Image.open(samples_dir / "astronaut.png").convert("RGB").resize((2240, 128)))
+    codec = get_codec("gain-hyperprior", device="cpu")
+    model, prepared = codec.model, codec.prepare(strip)
+    z_hat = model._quantize_z(model._hyper(prepared.y, 4.0)[1])[1]
+    assert z_hat.shape[-1] > gained.HYPER_TILE
+    tiled_idx, tiled_means, _ = model._entropy_params(z_hat, 4.0)
+    whole = gained.HYPER_TILE
+    try:
+        gained.HYPER_TILE = 0
+        whole_idx, whole_means, _ = model._entropy_params(z_hat, 4.0)
+    finally:
+        gained.HYPER_TILE = whole
+    assert torch.equal(tiled_idx, whole_idx)
+    assert torch.allclose(tiled_means, whole_means, rtol=0, atol=1e-9)
+    payload = codec.encode(prepared, 4.0)
+    assert np.array_equal(codec.decode(payload, 2240, 128, 4.0), codec.reconstruct(prepared, 4.0))
