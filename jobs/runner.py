@@ -228,7 +228,7 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
                        f"(e.g. {part_name(stray[0])}): the input changed since they were written; "
                        "re-run with --overwrite")
     statuses: Counter[str] = Counter()
-    in_bytes = out_bytes = verify_failures = 0
+    in_bytes = out_bytes = verified_items = verify_failures = 0
     bpps: list[float] = []
     psnrs: list[float] = []
     ssims: list[float] = []
@@ -243,7 +243,9 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
                            f"({len(uris)} rows, {planned.count} planned): the input changed since it was "
                            "written; re-run with --overwrite")
         statuses.update(rows["status"])
-        verify_failures += sum(1 for e in rows["error"] if e and e.startswith("verify:"))
+        verified = rows.get("verified", [])
+        verified_items += sum(1 for v in verified if v is True)
+        verify_failures += sum(1 for v in verified if v is False)
         in_bytes += sum(v or 0 for v in rows["input_bytes"])
         out_bytes += sum(v or 0 for v in rows["output_bytes"])
         bpps += [v for v in rows.get("bpp", []) if v is not None]
@@ -269,8 +271,8 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
         summary.update(mean_bpp=_mean(bpps), mean_psnr=_mean(psnrs), mean_ms_ssim=_mean(ssims),
                        lossless_items=sum(1 for p in psnrs if math.isinf(p)))
         if spec.verify:
-            # Rows that wrote a file (ok or unreachable) were each read back and decoded.
-            summary.update(verified_items=statuses["ok"] + statuses["unreachable"], verify_failures=verify_failures)
+            # Counted from the rows: shards committed by an earlier run without --verify do not count.
+            summary.update(verified_items=verified_items, verify_failures=verify_failures)
     if write:
         write_success(fs, root, summary)
     return summary

@@ -228,8 +228,12 @@ def test_verify_flag_reads_every_file_back_and_counts_it(messy_dir, tmp_path, ca
                             "--shard-size", "3", "--no-progress"]) == 0
     summary = json.loads((out / "_SUCCESS").read_text())
     assert summary["spec"]["verify"] is True
-    assert summary["verified_items"] == summary["statuses"]["ok"] == 5 and summary["verify_failures"] == 0
+    written = summary["statuses"]["ok"] + summary["statuses"].get("unreachable", 0)
+    assert written == 5 and summary["verified_items"] == 5 and summary["verify_failures"] == 0
     assert "5 verified, 0 verify failure(s)" in capsys.readouterr().out
+    rows = manifest(out).to_pylist()
+    assert all(r["verified"] is True for r in rows if r["status"] != "error")
+    assert all(r["verified"] is None for r in rows if r["status"] == "error")
     # Verification does not change what a job is: the same OUTPUT resumes without it.
     again = recompress.run(JobSpec(input=str(messy_dir), output=str(out), codec="jpeg", target_bpp=0.8,
                                    shard_size=3))

@@ -38,7 +38,7 @@ def _compressor(tmp_path: Path, codec: str, **kw) -> Compressor:
 def test_verify_passes_for_good_bitstreams(tmp_path, samples_dir, codec):
     c = _compressor(tmp_path, codec, verify=True, codec_options={"device": "cpu"} if codec != "webp" else {})
     row = c(_item(samples_dir), 0, 1)
-    assert row["status"] == "ok", row["error"]
+    assert row["status"] == "ok" and row["verified"] is True, row["error"]
     assert Path(row["output_uri"]).stat().st_size == row["output_bytes"]
 
 
@@ -53,7 +53,7 @@ def test_verify_catches_a_store_that_corrupts_what_it_keeps(tmp_path, samples_di
     monkeypatch.setattr(compress_mod, "atomic_write", corrupting_write)
     c = _compressor(tmp_path, "jpeg", verify=True)
     row = c(_item(samples_dir), 0, 1)
-    assert row["status"] == "error"
+    assert row["status"] == "error" and row["verified"] is False
     assert row["error"].startswith("verify: stored file is") and "differs" in row["error"]
     assert row["output_uri"] is None
     assert not list((tmp_path / "out").rglob("*.rfic")), "a file that failed verification must be removed"
@@ -65,7 +65,7 @@ def test_without_verify_the_same_corruption_goes_unnoticed(tmp_path, samples_dir
     monkeypatch.setattr(compress_mod, "atomic_write",
                         lambda fs, path, data: real_write(fs, path, data[:-1] + bytes([data[-1] ^ 1])))
     row = _compressor(tmp_path, "jpeg")(_item(samples_dir), 0, 1)
-    assert row["status"] == "ok"
+    assert row["status"] == "ok" and row["verified"] is None
 
 
 def test_verify_catches_a_decoder_that_disagrees_with_the_encoder(tmp_path, samples_dir):

@@ -87,7 +87,7 @@ class Compressor:
         except StorageUnavailable:
             raise   # an outage is not this item's fault: the shard stops, the job reports it, a re-run resumes
         except VerifyError as e:
-            row.update(status="error", error=redact(str(e)), output_uri=None)
+            row.update(status="error", error=redact(str(e)), output_uri=None, verified=False)
         except ItemError as e:
             row.update(status="error", error=redact(str(e)))
         except Exception as e:  # a codec or storage failure on this item only
@@ -114,6 +114,7 @@ class Compressor:
         if self.config.verify:
             stages.append("verify")
             restored = self.verify(out_path, blob, prepared, outcome.value)
+            row["verified"] = True
         else:
             stages.append("metrics")
             header, payload = container.unpack(blob)

@@ -43,6 +43,7 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("encodes", pa.int32()),
     ("original_mode", pa.string()),
     ("shard", pa.int32()),
+    ("verified", pa.bool_()),          # --verify: true once the stored file decoded as encoded; else null
 ])
 
 # A budget job's probe pass (``OUTPUT/_plan/probes/``): each image's R-D curve at a few
