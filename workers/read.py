@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ratefit.workers.storage import StorageUnavailable, fetch, open_fs
+
 DEFAULT_MAX_PIXELS = 100_000_000
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
@@ -107,8 +109,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedIm
 
 
 def read_bytes(fs, path: str) -> bytes:
-    from ratefit.workers.storage import StorageUnavailable, fetch
-
     try:
         return fetch(fs, path)
     except StorageUnavailable:
@@ -121,8 +121,6 @@ def read_bytes(fs, path: str) -> bytes:
 
 def read_image(item, storage_options: dict | None, max_pixels: int) -> tuple[DecodedImage, int]:
     """Fetch and decode one planned item: (image, input bytes). Raises ItemError naming the stage."""
-    from ratefit.workers.storage import open_fs
-
     if item.error:
         raise ItemError("plan", item.error)
     try:
