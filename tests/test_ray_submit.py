@@ -26,7 +26,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def ray_head():
     bin_dir = Path(sys.executable).parent
     # Every port ray start would otherwise take at a fixed default (the dashboard agent's
@@ -59,7 +59,7 @@ def ray_head():
                 break   # it answers (401 until a token is sent): it is up
             except OSError:
                 time.sleep(1)
-        yield url, env
+        yield url, env, f"127.0.0.1:{gcs_port}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -70,7 +70,7 @@ def ray_head():
 
 
 def test_ray_job_submit_runs_the_recompress_entrypoint(ray_head, photo_dir, tmp_path):
-    url, env = ray_head
+    url, env, _ = ray_head
     out = tmp_path / "out"
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({"input": str(photo_dir), "output": str(out), "codec": "jpeg",
@@ -93,3 +93,38 @@ def test_ray_job_submit_runs_the_recompress_entrypoint(ray_head, photo_dir, tmp_
     assert summary["statuses"] == {"ok": 3} and summary["shards"] == 3
     rows = pq.read_table(str(out / "_manifest")).to_pylist()
     assert len(rows) == 3 and all(r["bpp"] <= 0.6 for r in rows)
+
+
+def test_a_driver_killed_on_a_standing_cluster_resumes_without_duplicates(ray_head, samples_dir, tmp_path):
+    """Only the driver dies (SIGKILL); the cluster and, for a moment, the job's actors live
+    on. Re-running the same command against the same cluster finishes the job: every input
+    once, every row's file whole."""
+    _, env, address = ray_head
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(12):
+        (src / f"img{i:02d}.png").write_bytes((samples_dir / "coffee.png").read_bytes())
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "ratefit.jobs.recompress", str(src), str(out), "--address", address,
+            "--codec", "avif", "--target-bpp", "0.6", "--shard-size", "1", "--workers", "2", "--no-ms-ssim",
+            "--no-progress"]
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = out / "_manifest"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and driver.poll() is None:
+        if parts.exists() and len(list(parts.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, "the driver ended before it could be killed"
+    driver.kill()
+    driver.wait(30)
+    assert not (out / "_SUCCESS").exists()
+
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "_SUCCESS").read_text())
+    assert summary["statuses"] == {"ok": 12} and summary["resumed_shards"] >= 2
+    rows = pq.read_table(str(parts)).to_pylist()
+    assert sorted(Path(r["input_uri"]).name for r in rows) == [f"img{i:02d}.png" for i in range(12)]
+    for r in rows:
+        assert Path(r["output_uri"]).stat().st_size == r["output_bytes"]

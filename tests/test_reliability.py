@@ -186,6 +186,26 @@ def test_out_of_memory_that_persists_is_one_error_row(tmp_path, samples_dir):
     assert c.codec.tile == 1024
 
 
+def test_budget_probes_retry_an_out_of_memory_item_with_smaller_tiles(tmp_path, samples_dir):
+    from ratefit.workers.probe import ProbeConfig, Prober
+
+    p = Prober(ProbeConfig(output=str(tmp_path / "out"), codec="gain-hyperprior", codec_options={"device": "cpu"},
+                           probes=3))
+    real_reconstruct, tiles_tried = p.codec.reconstruct, []
+
+    def reconstruct_needing_small_tiles(prepared, value):
+        tiles_tried.append(p.codec.tile)
+        if p.codec.tile > 512:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real_reconstruct(prepared, value)
+
+    p.codec.reconstruct = reconstruct_needing_small_tiles
+    row = p(_item(samples_dir), 0, 1)
+    assert row["status"] == "ok", row["error"]
+    assert len(row["probe_value"]) == 3 and tiles_tried[:2] == [1024, 512] and set(tiles_tried[2:]) == {512}
+    assert p.codec.tile == 1024
+
+
 def test_decompress_retries_an_out_of_memory_item_with_smaller_tiles(tmp_path, samples_dir):
     from ratefit.workers.decompress import DecompressConfig, Decompressor
 
