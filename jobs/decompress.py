@@ -33,6 +33,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
 def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", help="folder holding .rfic files (a compress OUTPUT)")
     p.add_argument("output", nargs="?", help="folder for the restored PNGs")
+    p.add_argument("--max-pixels", type=int, help="refuse containers claiming more pixels than this "
+                                                  "(checked before decoding; default 100 MP)")
     add_common_arguments(p)
 
 

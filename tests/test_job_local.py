@@ -149,6 +149,12 @@ def test_decompress_reports_corrupt_and_foreign_containers(photo_dir, tmp_path):
     assert "checksum" in errors["chelsea.png.jpg.rfic"]
     assert "junk.rfic" in errors
 
+    # The pixel limit holds for containers too, from the CLI, before anything is decoded.
+    assert decompress.main([str(comp), str(tmp_path / "small"), "--max-pixels", "100000", "--no-progress"]) == 0
+    limited = {Path(r["input_uri"]).name: r for r in manifest(tmp_path / "small").to_pylist()}
+    big = limited["café.png.jpg.rfic"]     # 600x400 = 240,000 pixels
+    assert big["status"] == "error" and "over the limit of 100000" in big["error"]
+
 
 def test_listing_file_with_per_item_targets(photo_dir, tmp_path):
     listing = photo_dir / "listing.parquet"
