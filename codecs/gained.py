@@ -47,7 +47,7 @@ LATENT_STRIDE = 16  # pixels per latent position (g_a downsamples four times by 
 TILE_HALO = 64
 # h_s (float64) runs over tiles of 32 z positions (2048 px) with 4 of context (it sees < 2).
 HYPER_TILE, HYPER_HALO, HYPER_UP = 32, 4, 4
-ESTIMATE_CHANNELS = 32   # latent channels priced at a time by estimate_bits
+ESTIMATE_BLOCK = 1 << 22   # latent elements priced at a time by estimate_bits (a 4 MP image's latent in one go)
 
 
 def geometric_lambdas(low: float, high: float, levels: int) -> tuple[float, ...]:
@@ -197,9 +197,10 @@ class GainedHyperprior(CompressionModel):
         # Priced in channel blocks: the int64/float64 temporaries of a whole 48 MP latent
         # would take gigabytes; a block's take a fraction of the latent itself.
         y_tables = self._coder_tables(self.gaussian_conditional)
+        step = max(1, ESTIMATE_BLOCK // (y_g.shape[-2] * y_g.shape[-1]))   # channels per block
         bits = 0.0
-        for c in range(0, y_g.shape[1], ESTIMATE_CHANNELS):
-            block = slice(c, c + ESTIMATE_CHANNELS)
+        for c in range(0, y_g.shape[1], step):
+            block = slice(c, c + step)
             y_sym = torch.round(y_g[:, block].double() - means[:, block]).long()
             bits += _coded_bits(y_sym, indexes[:, block].long(), *y_tables)
         channel = torch.arange(z_sym.shape[1], device=z_sym.device).reshape(1, -1, 1, 1).expand_as(z_sym)

@@ -41,14 +41,8 @@ class DecompressConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec],
-                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[container.Header, np.ndarray]:
-    """Check and decode one stored container; every failure is an ItemError at stage ``decode``.
-
-    The one path untrusted bitstreams take (decompress jobs and ``--verify``): the header is
-    checked, the claimed size is held to the pixel limit before anything is allocated, and
-    the codec's own errors are reported as such, never as a crash.
-    """
+def check_container(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[container.Header, bytes]:
+    """Parse a stored container and hold its claimed size to the pixel limit, before any decoding."""
     try:
         header, payload = container.unpack(data)
     except container.ContainerError as e:
@@ -57,7 +51,11 @@ def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec]
         raise ItemError("decode", f"container claims {header.width}x{header.height} = "
                                   f"{header.width * header.height} pixels, over the limit of {max_pixels} "
                                   "(refused before decoding; raise --max-pixels to allow it)")
-    codec = codec_for(header)
+    return header, payload
+
+
+def decode_payload(codec: Codec, header: container.Header, payload: bytes) -> np.ndarray:
+    """The codec's picture for a checked container; a codec failure is an ItemError, never a crash."""
     try:
         pixels = codec.decode(payload, header.width, header.height, header.value)
     except CodecError as e:
@@ -65,7 +63,19 @@ def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec]
     if pixels.shape != (header.height, header.width, 3) or pixels.dtype != np.uint8:
         raise ItemError("decode", f"{header.codec} decoded to {pixels.dtype} {pixels.shape}, "
                                   f"header says {header.width}x{header.height}")
-    return header, pixels
+    return pixels
+
+
+def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec],
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[container.Header, np.ndarray]:
+    """Check and decode one stored container; every failure is an ItemError at stage ``decode``.
+
+    The one path untrusted bitstreams take (decompress jobs, ``--verify``, ``ratefit fuzz``):
+    the header is checked, the claimed size is held to the pixel limit before anything is
+    allocated, and the codec's own errors are reported as such, never as a crash.
+    """
+    header, payload = check_container(data, max_pixels)
+    return header, decode_payload(codec_for(header), header, payload)
 
 
 class Decompressor:
@@ -91,14 +101,11 @@ class Decompressor:
 
     def decode(self, data: bytes, what: str) -> tuple[container.Header, np.ndarray]:
         """decode_container, retried alone with smaller tiles if the device runs out of memory."""
-        def run() -> tuple[container.Header, np.ndarray]:
-            return decode_container(data, self.codec_for, self.config.max_pixels)
-
-        try:
-            header, _ = container.unpack(data)
-        except container.ContainerError:
-            return run()   # raises the container's own error, as an ItemError
-        return with_tile_fallback(self.codec_for(header), run, max(header.width, header.height), what)
+        header, payload = check_container(data, self.config.max_pixels)
+        codec = self.codec_for(header)
+        pixels = with_tile_fallback(codec, lambda: decode_payload(codec, header, payload),
+                                    max(header.width, header.height), what)
+        return header, pixels
 
     def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
         row = empty_row(DECOMPRESS_SCHEMA)
