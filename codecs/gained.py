@@ -301,16 +301,16 @@ def run_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
     h, w = x.shape[-2:]
     if tile <= 0 or (h <= tile and w <= tile):
         return fn(x)
+    def scaled(start: int, stop: int, origin: int = 0) -> slice:   # input span -> output span
+        return slice((start - origin) * up // down, (stop - origin) * up // down)
+
     out = x.new_empty((x.shape[0], out_channels, h * up // down, w * up // down))
     for r0 in range(0, h, tile):
         for c0 in range(0, w, tile):
-            a, b = max(r0 - halo, 0), min(r0 + tile + halo, h)
-            c, d = max(c0 - halo, 0), min(c0 + tile + halo, w)
-            part = fn(x[..., a:b, c:d])
-            rows = slice((r0 - a) * up // down, (min(r0 + tile, h) - a) * up // down)
-            cols = slice((c0 - c) * up // down, (min(c0 + tile, w) - c) * up // down)
-            out[..., r0 * up // down:min(r0 + tile, h) * up // down,
-                c0 * up // down:min(c0 + tile, w) * up // down] = part[..., rows, cols]
+            r1, c1 = min(r0 + tile, h), min(c0 + tile, w)
+            a, c = max(r0 - halo, 0), max(c0 - halo, 0)
+            part = fn(x[..., a:min(r1 + halo, h), c:min(c1 + halo, w)])
+            out[..., scaled(r0, r1), scaled(c0, c1)] = part[..., scaled(r0, r1, a), scaled(c0, c1, c)]
     return out
 
 

@@ -30,18 +30,24 @@ _SIZES = ((96, 64), (200, 150), (64, 257))
 
 # ---------------------------------------------------------------------------- cases
 
+def _codec(name: str):
+    """A target's codec, on the CPU (the fuzzer checks decoders, not devices)."""
+    from ratefit.codecs.registry import get_codec
+
+    return get_codec(name, device="cpu") if name == "gain-hyperprior" else get_codec(name)
+
+
 def _seeds() -> dict[str, list[bytes]]:
     """Valid containers per codec: the starting points the mutations damage."""
     from PIL import Image
 
     from ratefit.codecs import container
-    from ratefit.codecs.registry import get_codec
     from ratefit.jobs.demo import SAMPLES
 
     photo = Image.open(SAMPLES / "chelsea.png").convert("RGB")
     seeds: dict[str, list[bytes]] = {}
     for name in TARGETS[1:]:
-        codec = get_codec(name, device="cpu") if name == "gain-hyperprior" else get_codec(name)
+        codec = _codec(name)
         values = (0.0, 4.0, 7.5) if name == "gain-hyperprior" else (5, 50, 95)
         seeds[name] = []
         for (w, h), v in zip(_SIZES, values):
@@ -99,13 +105,11 @@ def make_case(seeds: dict[str, list[bytes]], target: str, seed: int, index: int)
 
 def _child(target: str, seed: int, start: int, seconds: float, progress_path: str) -> int:
     """Run cases from ``start`` for ``seconds`` after setting up; write the index before each case."""
-    from ratefit.codecs.registry import get_codec
     from ratefit.workers.decompress import decode_container
     from ratefit.workers.read import ItemError
 
     seeds = _seeds()
-    codecs = {name: get_codec(name, device="cpu") if name == "gain-hyperprior" else get_codec(name)
-              for name in TARGETS[1:]}
+    codecs = {name: _codec(name) for name in TARGETS[1:]}
 
     def codec_for(header):
         if header.codec not in codecs:

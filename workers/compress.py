@@ -18,7 +18,7 @@ from ratefit.codecs import container
 from ratefit.codecs.metrics import ms_ssim, psnr
 from ratefit.codecs.rate import Target, search
 from ratefit.codecs.registry import get_codec
-from ratefit.workers.decompress import decode_container
+from ratefit.workers.decompress import check_container, decode_payload
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
 from ratefit.workers.memory import with_tile_fallback
@@ -115,11 +115,10 @@ class Compressor:
             stages.append("verify")
             restored = self.verify(out_path, blob, prepared, outcome.value)
             row["verified"] = True
+            stages.append("metrics")
         else:
             stages.append("metrics")
-            header, payload = container.unpack(blob)
-            restored = codec.decode(payload, header.width, header.height, header.value)
-        stages.append("metrics")
+            restored = codec.decode(outcome.payload, w, h, outcome.value)
         p = psnr(image.pixels, restored)
         row.update(
             status=outcome.status, error=outcome.reason, output_bytes=len(blob),
@@ -142,16 +141,11 @@ class Compressor:
             stored = fetch(self.out_fs, out_path)
             if stored != blob:
                 raise VerifyError(f"stored file is {len(stored)} bytes and differs from the {len(blob)} written")
-
-            def own_codec(header: container.Header):
-                if header.codec != codec.name or header.weights_sha256 != codec.weights_sha256:
-                    raise VerifyError(f"stored container names codec {header.codec!r}, expected {codec.name!r}")
-                return codec
-
+            # Byte-equal to what this codec just packed: its header names this codec, and the
+            # input already passed the pixel limit when it was read.
             try:
-                _, decoded = decode_container(stored, own_codec, max_pixels=1 << 62)
-            except VerifyError:
-                raise
+                header, payload = check_container(stored, max_pixels=1 << 62)
+                decoded = decode_payload(codec, header, payload)
             except ItemError as e:
                 raise VerifyError(f"stored file does not decode: {e.message}") from None
             reconstruct = getattr(codec, "reconstruct", None)
