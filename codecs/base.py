@@ -69,3 +69,15 @@ class Codec(Protocol):
     def encode(self, prepared: Any, value: float) -> bytes: ...
 
     def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray: ...
+
+
+def payload_weights_sha256(codec: Codec, payload: bytes) -> bytes:
+    """The weights identity a container of ``payload`` carries.
+
+    Most codecs have one set of weights (``weights_sha256``). A codec holding one network
+    per quality (CompressAI's fixed-rate zoo models) names, per payload, the network that
+    wrote it, through ``weights_sha256_of(payload)``: a decoder then refuses a container
+    unless it holds that very network.
+    """
+    of = getattr(codec, "weights_sha256_of", None)
+    return of(payload) if of is not None else codec.weights_sha256

@@ -194,17 +194,10 @@ class GainedHyperprior(CompressionModel):
         y_g, z_g, _ = self._hyper(y, v)
         z_sym, z_hat_g = self._quantize_z(z_g)
         indexes, means, _ = self._entropy_params(z_hat_g, v)
-        # Priced in channel blocks: the int64/float64 temporaries of a whole 48 MP latent
-        # would take gigabytes; a block's take a fraction of the latent itself.
-        y_tables = self._coder_tables(self.gaussian_conditional)
-        step = max(1, ESTIMATE_BLOCK // (y_g.shape[-2] * y_g.shape[-1]))   # channels per block
-        bits = 0.0
-        for c in range(0, y_g.shape[1], step):
-            block = slice(c, c + step)
-            y_sym = torch.round(y_g[:, block].double() - means[:, block]).long()
-            bits += _coded_bits(y_sym, indexes[:, block].long(), *y_tables)
+        bits = coded_bits_by_channel(lambda b: torch.round(y_g[:, b].double() - means[:, b]).long(), indexes,
+                                     self._coder_tables(self.gaussian_conditional))
         channel = torch.arange(z_sym.shape[1], device=z_sym.device).reshape(1, -1, 1, 1).expand_as(z_sym)
-        return (bits + _coded_bits(z_sym, channel, *self._coder_tables(self.entropy_bottleneck))
+        return (bits + coded_bits(z_sym, channel, *self._coder_tables(self.entropy_bottleneck))
                 + 2 * 8 * STREAM_FLUSH_BYTES)
 
     def _quantize_z(self, z_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,12 +207,9 @@ class GainedHyperprior(CompressionModel):
         return z_sym.long(), z_sym + medians
 
     def _coder_tables(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """An entropy model's quantised CDFs, offsets and escape positions, on its device."""
         key = "y" if model is self.gaussian_conditional else "z"
         if key not in self._tables:
-            dev = model._quantized_cdf.device
-            self._tables[key] = (model._quantized_cdf.long().to(dev), model._offset.long().to(dev),
-                                 model._cdf_length.long().to(dev) - 2)
+            self._tables[key] = coder_tables(model._quantized_cdf, model._offset, model._cdf_length)
         return self._tables[key]
 
     def compress_latent(self, y: torch.Tensor, v: float) -> tuple[bytes, bytes]:
@@ -267,7 +257,25 @@ class GainedHyperprior(CompressionModel):
         self.invalidate_caches()
 
 
-def _coded_bits(symbols: torch.Tensor, rows: torch.Tensor, cdf: torch.Tensor, offsets: torch.Tensor,
+def coder_tables(cdf: torch.Tensor, offset: torch.Tensor, cdf_length: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An entropy model's quantised CDFs, offsets and escape positions as ``coded_bits`` takes them."""
+    return cdf.long(), offset.long().to(cdf.device), cdf_length.long().to(cdf.device) - 2
+
+
+def coded_bits_by_channel(symbols: Callable[[slice], torch.Tensor], indexes: torch.Tensor,
+                          tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> float:
+    """``coded_bits`` over a latent priced a block of channels at a time.
+
+    ``symbols(block)`` gives the block's integer symbols: the int64/float64 temporaries of
+    a whole 48 MP latent would take gigabytes, a block's a fraction of the latent itself.
+    """
+    step = max(1, ESTIMATE_BLOCK // (indexes.shape[-2] * indexes.shape[-1]))   # channels per block
+    return sum(coded_bits(symbols(slice(c, c + step)), indexes[:, c:c + step].long(), *tables)
+               for c in range(0, indexes.shape[1], step))
+
+
+def coded_bits(symbols: torch.Tensor, rows: torch.Tensor, cdf: torch.Tensor, offsets: torch.Tensor,
                 max_values: torch.Tensor) -> float:
     """What CompressAI's rANS spends on ``symbols``, each coded with CDF row ``rows``.
 

@@ -20,6 +20,10 @@ _entry_points_loaded = False
 # Built-in codecs whose module imports torch and compressai (seconds): imported on first use,
 # so a job with a classical codec never pays for them in its driver or workers.
 _LAZY = {"gain-hyperprior": "ratefit.codecs.gain_hyperprior"}
+# CompressAI's zoo (``codecs/zoo.py``); named here so listing them does not import torch.
+ZOO_NAMES = ("bmshj2018-hyperprior", "mbt2018-mean", "bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr",
+             "mbt2018", "cheng2020-anchor", "cheng2020-attn")
+_LAZY.update({f"compressai:{n}": "ratefit.codecs.zoo" for n in ZOO_NAMES})
 
 
 def register(name: str, factory: Factory) -> None:
@@ -45,6 +49,9 @@ def get_codec(name: str, **options: Any) -> Codec:
     _load_builtin_and_plugins()
     if name not in _FACTORIES and name in _LAZY:
         import_module(_LAZY[name])   # registers itself
+    elif name not in _FACTORIES and name.startswith("compressai:"):
+        raise KeyError(f"unknown codec {name!r}; CompressAI zoo models ratefit runs: "
+                       f"{', '.join('compressai:' + n for n in ZOO_NAMES)}")
     try:
         factory = _FACTORIES[name]
     except KeyError:
@@ -52,6 +59,39 @@ def get_codec(name: str, **options: Any) -> Codec:
     return factory(**options)
 
 
+def accepts_option(name: str, option: str) -> bool:
+    """Whether the factory of ``name`` takes keyword ``option`` (False for unknown names)."""
+    import inspect
+
+    try:
+        _load_builtin_and_plugins()
+        if name not in _FACTORIES and name in _LAZY:
+            import_module(_LAZY[name])
+        params = inspect.signature(_FACTORIES[name]).parameters.values()
+    except (KeyError, TypeError, ValueError):
+        return False
+    return any(p.name == option or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def list_codecs() -> list[str]:
     _load_builtin_and_plugins()
     return sorted(set(_FACTORIES) | set(_LAZY))
+
+
+def describe(name: str) -> dict[str, Any]:
+    """What ``ratefit codecs`` shows for ``name``: control, range, kind, device, speed, extension.
+
+    A factory with a ``describe()`` method answers without being built (codecs that need
+    weights the user has not given); any other codec is built with default options.
+    """
+    _load_builtin_and_plugins()
+    if name not in _FACTORIES and name in _LAZY:
+        import_module(_LAZY[name])
+    factory = _FACTORIES[name]
+    if callable(getattr(factory, "describe", None)):
+        return factory.describe()
+    c = factory()
+    ctl = c.control
+    return {"control": ctl.name, "range": f"{ctl.low:g}..{ctl.high:g}",
+            "kind": "discrete" if ctl.discrete else "continuous",
+            "device": getattr(c, "preferred_device", c.device), "speed": c.speed, "extension": c.extension}

@@ -266,7 +266,7 @@ def _merge_corrections(fs, root: str, corrected: list[int], shard_size: int) -> 
 def run(spec: JobSpec, plan_items) -> dict[str, Any]:
     """Run a budget job to completion (resuming any pass already done) and return ``_SUCCESS``."""
     t_start = time.time()
-    codec = get_codec(spec.codec, **spec.codec_options)
+    codec = get_codec(spec.codec, **spec.codec_kwargs())
     device = getattr(codec, "preferred_device", codec.device)
     continuous = not codec.control.discrete
     fs, root = open_fs(spec.output, spec.storage_options)
@@ -274,7 +274,7 @@ def run(spec: JobSpec, plan_items) -> dict[str, Any]:
 
     started = connect(spec.address)   # one Ray for every pass
     try:
-        probe_config = ProbeConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_options,
+        probe_config = ProbeConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                                    probes=spec.probes, storage_options=spec.storage_options,
                                    max_pixels=spec.max_pixels)
         state = run_pass(spec, shard(plan_items(spec), spec.shard_size), probe_config, PROBE_SCHEMA, device,
@@ -283,7 +283,7 @@ def run(spec: JobSpec, plan_items) -> dict[str, Any]:
         spec = dataclasses.replace(spec, overwrite=False)   # later passes keep what earlier ones wrote
         plan, plan_summary = _load_or_make_plan(spec, fs, root, continuous)
 
-        encode_config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_options,
+        encode_config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                                        storage_options=spec.storage_options, max_pixels=spec.max_pixels,
                                        ms_ssim=spec.ms_ssim, verify=spec.verify)
         state = run_pass(spec, shard(_with_targets(plan_items(spec), plan), spec.shard_size), encode_config,

@@ -13,7 +13,9 @@ from ratefit.workers.storage import redact
 
 def run_guarded(fn: Callable[[], int]) -> int:
     """Run a command, turning expected failures into one clear line and exit status 2."""
+    from ratefit.codecs.base import CodecError
     from ratefit.codecs.container import ContainerError
+    from ratefit.codecs.weights import WeightsError
     from ratefit.jobs.plan import PlanError
     from ratefit.jobs.runner import JobError
     from ratefit.jobs.spec import SpecError
@@ -21,7 +23,8 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
     try:
         return fn()
-    except (SpecError, PlanError, JobError, ContainerError, StorageUnavailable, KeyError, FileNotFoundError) as e:
+    except (SpecError, PlanError, JobError, ContainerError, StorageUnavailable, KeyError, FileNotFoundError,
+            CodecError, WeightsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"ratefit: error: {redact(str(msg))}", file=sys.stderr)
         return 2
@@ -55,18 +58,36 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _codecs(args: argparse.Namespace) -> int:
-    from ratefit.codecs.registry import get_codec, list_codecs
+    from ratefit.codecs.registry import describe, list_codecs
 
-    print(f"{'name':<16} {'control':<10} {'range':<12} {'kind':<11} {'device':<7} {'speed':<7} extension")
-    for name in list_codecs():
+    names = list_codecs()
+    width = max(len(n) for n in names) + 1
+    print(f"{'name':<{width}} {'control':<8} {'range':<10} {'kind':<11} {'device':<7} {'speed':<6} extension")
+    for name in names:
         try:
-            c = get_codec(name)
+            d = describe(name)
         except Exception as e:  # e.g. a learned codec whose weights are not installed
-            print(f"{name:<16} unavailable: {e}")
+            print(f"{name:<{width}} unavailable: {e}")
             continue
-        ctl = c.control
-        print(f"{name:<16} {ctl.name:<10} {f'{ctl.low:g}..{ctl.high:g}':<12} "
-              f"{'discrete' if ctl.discrete else 'continuous':<11} {c.device:<7} {c.speed:<7} .{c.extension}")
+        needs = f"   (needs {d['needs']})" if d.get("needs") else ""
+        print(f"{name:<{width}} {d['control']:<8} {d['range']:<10} {d['kind']:<11} {d['device']:<7} "
+              f"{d['speed']:<6} .{d['extension']}{needs}")
+    return 0
+
+
+def _export_zoo(args: argparse.Namespace) -> int:
+    import torch
+
+    from ratefit.codecs.gain_hyperprior import BUNDLED_WEIGHTS, load_model
+    from ratefit.codecs.weights import WeightsError, bundled_path
+    from ratefit.codecs.zoo_export import export
+
+    url = args.weights or bundled_path(BUNDLED_WEIGHTS)
+    if url is None:
+        raise WeightsError("no gain-hyperprior weights bundled with this install; pass --weights")
+    model, _, _ = load_model(url, torch.device("cpu"))
+    for path in export(model, args.output, args.kind):
+        print(path)
     return 0
 
 
@@ -92,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_report_arguments(pr)
     pf = sub.add_parser("fuzz", help="fuzz the container parser and decoders for a while (crashes, hangs)")
     fuzz.add_fuzz_arguments(pf)
+    px = sub.add_parser("export-zoo", help="write the gain-hyperprior model as CompressAI zoo checkpoints")
+    px.add_argument("output", help="local folder for the checkpoints")
+    px.add_argument("--weights", help="gain-hyperprior weights (default: the bundled ones)")
+    px.add_argument("--kind", choices=("mbt2018-mean", "mbt2018-mean-vbr"), default="mbt2018-mean",
+                    help="one mbt2018-mean network per level (exact), or one approximate VBR network")
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
     pm.add_argument("output", nargs="?", default="demo-output")
     pm.add_argument("--target-bpp", type=float, default=0.5)
@@ -117,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(lambda: report.run(args))
     if args.command == "fuzz":
         return fuzz.run(args)
+    if args.command == "export-zoo":
+        return run_guarded(lambda: _export_zoo(args))
     if args.command == "demo":
         return run_guarded(lambda: demo.run_demo(args.output, args.target_bpp))
     return 2

@@ -12,9 +12,9 @@ from typing import Any
 
 from ratefit.codecs.container import SUFFIX
 from ratefit.jobs.plan import iter_folder, shard
-from ratefit.jobs.recompress import add_common_arguments, print_summary, spec_from_args
+from ratefit.jobs.recompress import add_common_arguments, add_weights_argument, print_summary, spec_from_args
 from ratefit.jobs.runner import run_shards
-from ratefit.jobs.spec import JobSpec, SpecError
+from ratefit.jobs.spec import JobSpec, SpecError, weights_options
 from ratefit.workers.decompress import DecompressConfig
 from ratefit.workers.manifest import DECOMPRESS_SCHEMA
 
@@ -24,7 +24,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
     if spec.kind != "decompress":
         raise SpecError("decompress.run needs a spec of kind 'decompress'")
     config = DecompressConfig(output=spec.output, storage_options=spec.storage_options,
-                              codec_options={spec.codec: spec.codec_options} if spec.codec_options else {},
+                              codec_options={spec.codec: spec.codec_kwargs()} if spec.codec_options else {},
+                              learned_options=weights_options({}, spec.weights, spec.storage_options),
                               max_pixels=spec.max_pixels)
     items = iter_folder(spec.input, (SUFFIX,), spec.storage_options, skip_url=spec.output)
     return run_shards(spec, shard(items, spec.shard_size), config, DECOMPRESS_SCHEMA)
@@ -35,6 +36,7 @@ def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", nargs="?", help="folder for the restored PNGs")
     p.add_argument("--max-pixels", type=int, help="refuse containers claiming more pixels than this "
                                                   "(checked before decoding; default 100 MP)")
+    add_weights_argument(p)
     add_common_arguments(p)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ratefit.codecs import container
+from ratefit.codecs.base import payload_weights_sha256
 from ratefit.codecs.bdrate import bd_rate
 from ratefit.codecs.metrics import ms_ssim, psnr
 from ratefit.codecs.registry import get_codec
@@ -67,7 +68,7 @@ def _evaluate_image(path: str, plan: dict[str, list[float]]) -> list[dict[str, A
             payload = codec.encode(prepared, value)
             enc_s = time.perf_counter() - t0
             blob = container.pack(name, payload, value=value, width=w, height=h,
-                                  weights_sha256=codec.weights_sha256)
+                                  weights_sha256=payload_weights_sha256(codec, payload))
             t0 = time.perf_counter()
             restored = codec.decode(payload, w, h, value)
             dec_s = time.perf_counter() - t0

@@ -37,8 +37,8 @@ def run(spec: JobSpec) -> dict[str, Any]:
         from ratefit.jobs import budget
 
         return budget.run(spec, plan_items)
-    codec = get_codec(spec.codec, **spec.codec_options)   # fails fast on bad codec options
-    config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_options,
+    codec = get_codec(spec.codec, **spec.codec_kwargs())   # fails fast on bad codec options
+    config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                             target=spec.default_target(), storage_options=spec.storage_options,
                             max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify)
     return run_shards(spec, shard(plan_items(spec), spec.shard_size), config, COMPRESS_SCHEMA,
@@ -70,6 +70,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
 
 
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="the learned codec's weights: a file or folder URL (local, s3://, https://), "
+                                     "or 'zoo' for CompressAI's pretrained downloads (compressai:* codecs)")
+
+
 def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="?", help="folder URL (local path, s3://bucket/prefix, ...) or a listing "
                                             "file (.parquet/.csv with a 'uri' column)")
@@ -77,6 +82,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="YAML/JSON job spec (any fsspec URL); flags given here override it")
     p.add_argument("--codec", help="codec name (see `ratefit codecs`; default gain-hyperprior)")
     p.add_argument("--codec-options", type=_json_arg, help="codec options as JSON, e.g. '{\"speed\": 8}'")
+    add_weights_argument(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--target-bpp", type=float, help="ceiling in bits per pixel, container included")
     g.add_argument("--target-bytes", type=float, help="ceiling in bytes per stored file")
@@ -98,7 +104,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     add_common_arguments(p)
 
 
-_FLAG_FIELDS = ("input", "output", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
+_FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
                 "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "extensions", "max_pixels", "ms_ssim", "verify", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress")
 

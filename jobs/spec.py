@@ -27,8 +27,18 @@ LISTING_SUFFIXES = (".parquet", ".csv")
 _HASHED = ("kind", "input", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
            "extensions", "shard_size", "max_pixels", "ms_ssim")
 # Hashed only when set, so specs without a budget keep the hashes they had before budgets existed.
-_HASHED_IF_SET = {"budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr", "probes": None}
+_HASHED_IF_SET = {"weights": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr", "probes": None}
 OBJECTIVES = ("psnr", "mse")   # a budget job maximises mean PSNR over items, or minimises total squared error
+
+
+def weights_options(codec_options: dict[str, Any], weights: str | None,
+                    storage_options: dict[str, Any]) -> dict[str, Any]:
+    opts = dict(codec_options)
+    if weights:
+        opts["weights"] = weights
+        if storage_options and "://" in weights and not weights.startswith("file://"):
+            opts.setdefault("storage_options", storage_options)
+    return opts
 
 
 class SpecError(ValueError):
@@ -42,6 +52,7 @@ class JobSpec:
     kind: str = "compress"           # "compress" | "decompress"
     codec: str = DEFAULT_CODEC
     codec_options: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None          # --weights: the learned codec's weights (file, folder or "zoo")
     target_bpp: float | None = None
     target_bytes: float | None = None
     target_psnr: float | None = None
@@ -127,10 +138,22 @@ class JobSpec:
             self.gpus_per_worker = gpus
         if not isinstance(self.storage_options, dict) or not isinstance(self.codec_options, dict):
             raise SpecError("storage_options and codec_options must be mappings")
+        if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
+            raise SpecError(f"weights: give a file or folder URL (or 'zoo'), got {self.weights!r}")
+        if self.weights and "weights" in self.codec_options and self.codec_options["weights"] != self.weights:
+            raise SpecError("weights given twice (--weights and codec_options.weights) with different values")
         if self.kind == "compress":
             from ratefit.codecs.registry import list_codecs
             if self.codec not in list_codecs():
                 raise SpecError(f"codec: unknown {self.codec!r}; known: {', '.join(list_codecs())}")
+
+    def codec_kwargs(self) -> dict[str, Any]:
+        """The options the codec is built with: ``codec_options`` plus ``--weights``.
+
+        Weights on remote storage are read with the job's storage options unless the codec
+        options carry their own.
+        """
+        return weights_options(self.codec_options, self.weights, self.storage_options)
 
     @property
     def is_listing(self) -> bool:

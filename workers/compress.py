@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ratefit.codecs import container
+from ratefit.codecs.base import payload_weights_sha256
 from ratefit.codecs.metrics import ms_ssim, psnr
 from ratefit.codecs.rate import Target, search
 from ratefit.codecs.registry import get_codec
@@ -105,7 +106,7 @@ class Compressor:
         overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
         outcome = search(codec, prepared, image.pixels, target, overhead)
         blob = container.pack(codec.name, outcome.payload, value=outcome.value, width=w, height=h,
-                              mode=image.original_mode, weights_sha256=codec.weights_sha256)
+                              mode=image.original_mode, weights_sha256=payload_weights_sha256(codec, outcome.payload))
         row["encode_ms"] = (time.perf_counter() - t0) * 1000.0
 
         stages.append("write")

@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from ratefit.codecs import container
-from ratefit.codecs.base import Codec, CodecError
-from ratefit.codecs.registry import get_codec
+from ratefit.codecs.base import Codec, CodecError, payload_weights_sha256
+from ratefit.codecs.registry import accepts_option, get_codec
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import DECOMPRESS_SCHEMA, empty_row
 from ratefit.workers.memory import with_tile_fallback
@@ -38,6 +38,8 @@ class DecompressConfig:
     output: str
     storage_options: dict[str, Any] = field(default_factory=dict)
     codec_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per codec name
+    # --weights without --codec: for every codec in the containers that takes weights
+    learned_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
@@ -88,21 +90,34 @@ class Decompressor:
 
     def codec_for(self, header: container.Header) -> Codec:
         if header.codec not in self._codecs:
+            opts = self.config.codec_options.get(header.codec)
+            if opts is None:
+                opts = self.config.learned_options if accepts_option(header.codec, "weights") else {}
             try:
-                self._codecs[header.codec] = get_codec(header.codec, **self.config.codec_options.get(header.codec, {}))
+                self._codecs[header.codec] = get_codec(header.codec, **opts)
             except KeyError as e:
                 raise ItemError("decode", f"unknown codec {header.codec!r} in container ({e.args[0]})") from None
-        codec = self._codecs[header.codec]
-        if header.weights_sha256 != codec.weights_sha256:
+            except (CodecError, ValueError) as e:   # e.g. weights missing or not fitting the model
+                raise ItemError("decode", f"cannot load codec {header.codec}: {e}") from None
+        return self._codecs[header.codec]
+
+    @staticmethod
+    def check_weights(codec: Codec, header: container.Header, payload: bytes) -> None:
+        """Refuse a container written with other weights than the ones loaded."""
+        try:
+            loaded = payload_weights_sha256(codec, payload)
+        except (CodecError, ValueError) as e:
+            raise ItemError("decode", f"{header.codec}: {e}") from None
+        if header.weights_sha256 != loaded:
             raise ItemError("decode", f"container was written with {header.codec} weights "
                                       f"{header.weights_sha256.hex()[:16] or '(none)'}…, loaded weights are "
-                                      f"{codec.weights_sha256.hex()[:16] or '(none)'}…")
-        return codec
+                                      f"{loaded.hex()[:16] or '(none)'}…")
 
     def decode(self, data: bytes, what: str) -> tuple[container.Header, np.ndarray]:
         """decode_container, retried alone with smaller tiles if the device runs out of memory."""
         header, payload = check_container(data, self.config.max_pixels)
         codec = self.codec_for(header)
+        self.check_weights(codec, header, payload)
         pixels = with_tile_fallback(codec, lambda: decode_payload(codec, header, payload),
                                     max(header.width, header.height), what)
         return header, pixels
