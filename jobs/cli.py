@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable
 
 from ratefit.workers.storage import redact
@@ -86,7 +87,14 @@ def _export_zoo(args: argparse.Namespace) -> int:
     if url is None:
         raise WeightsError("no gain-hyperprior weights bundled with this install; pass --weights")
     model, _, _ = load_model(url, torch.device("cpu"))
-    for path in export(model, args.output, args.kind):
+    levels = [int(x) for x in args.levels.split(",")] if args.levels else None
+    if args.kind == "bmshj2018-hyperprior" and levels is None:
+        levels = list(range(model.config.levels))
+    photos = None
+    if args.photos:
+        photos = sorted(str(p) for p in Path(args.photos).iterdir()
+                        if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    for path in export(model, args.output, args.kind, levels, photos, args.steps, log=print):
         print(path)
     return 0
 
@@ -116,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     px = sub.add_parser("export-zoo", help="write the gain-hyperprior model as CompressAI zoo checkpoints")
     px.add_argument("output", help="local folder for the checkpoints")
     px.add_argument("--weights", help="gain-hyperprior weights (default: the bundled ones)")
-    px.add_argument("--kind", choices=("mbt2018-mean", "mbt2018-mean-vbr"), default="mbt2018-mean",
-                    help="one mbt2018-mean network per level (exact), or one approximate VBR network")
+    px.add_argument("--kind", choices=("mbt2018-mean", "mbt2018-mean-vbr", "bmshj2018-hyperprior"),
+                    default="mbt2018-mean", help="mbt2018-mean: one network per level (exact); mbt2018-mean-vbr: "
+                    "one approximate VBR network; bmshj2018-hyperprior: a scale-only hyperprior fitted on --photos")
+    px.add_argument("--levels", help="comma-separated levels to export (quality = level + 1; default all)")
+    px.add_argument("--photos", help="bmshj2018-hyperprior: folder of training photos (never Kodak)")
+    px.add_argument("--steps", type=int, default=3000, help="bmshj2018-hyperprior: fitting steps")
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
     pm.add_argument("output", nargs="?", default="demo-output")
     pm.add_argument("--target-bpp", type=float, default=0.5)
