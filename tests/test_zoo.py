@@ -390,3 +390,24 @@ def test_kodak_zoo_jobs_meet_per_item_targets_and_round_trip(tmp_path, kodak_dir
             assert psnr(original, restored) == pytest.approx(r["psnr"], abs=1e-9)
         print(f"{codec}: {len(ok)}/{len(rows)} ok, achieved/target "
               f"{min(r['bpp'] / r['target_value'] for r in ok):.4f}..{max(r['bpp'] / r['target_value'] for r in ok):.4f}")
+
+
+def test_weights_over_http_from_a_loopback_server(samples_dir, small_weights):
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(small_weights))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        name = next(small_weights.glob("bmshj2018-hyperprior-3-*")).name
+        codec = get_codec("compressai:bmshj2018-hyperprior", device="cpu",
+                          weights=f"http://127.0.0.1:{server.server_address[1]}/{name}")
+        assert [s.quality for s in codec.sources] == [3]
+        img = _photo(samples_dir)
+        payload = codec.encode(codec.prepare(img), 1.0)
+        assert payload_weights_sha256(codec, payload) == hashlib.sha256((small_weights / name).read_bytes()).digest()
+    finally:
+        server.shutdown()
