@@ -329,7 +329,7 @@ class ZooFixedRateCodec(_ZooCodecBase):
             k, step = n, TOP_STEP ** -(v - n)
         else:
             k = max(1, math.ceil(v))
-            step = self._junction(prep, k) ** (k - v)
+            step = 1.0 if v == k else self._junction(prep, k) ** (k - v)
         return k, float(np.float32(step))   # the decoder sees the float32 in the payload
 
     # ---- the codec interface
