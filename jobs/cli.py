@@ -100,7 +100,7 @@ def _export_zoo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ratefit.jobs import decompress, demo, evaluate, fuzz, recompress, report, train
+    from ratefit.jobs import bench, decompress, demo, evaluate, fuzz, recompress, report, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     px.add_argument("--levels", help="comma-separated levels to export (quality = level + 1; default all)")
     px.add_argument("--photos", help="bmshj2018-hyperprior: folder of training photos (never Kodak)")
     px.add_argument("--steps", type=int, default=3000, help="bmshj2018-hyperprior: fitting steps")
+    pb = sub.add_parser("bench", help="the job and a naive one-process loop side by side (or the driver alone)")
+    bench.add_bench_arguments(pb)
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
     pm.add_argument("output", nargs="?", default="demo-output")
     pm.add_argument("--target-bpp", type=float, default=0.5)
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_guarded(lambda: report.run(args))
     if args.command == "fuzz":
         return fuzz.run(args)
+    if args.command == "bench":
+        return run_guarded(lambda: bench.run(args))
     if args.command == "export-zoo":
         return run_guarded(lambda: _export_zoo(args))
     if args.command == "demo":

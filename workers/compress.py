@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,41 @@ class CompressConfig:
     ms_ssim: bool = True
     manifest_dir: str = MANIFEST_DIR    # a budget job's correction pass commits its rows elsewhere
     verify: bool = False                # read each stored file back and decode it before its row says ok
+
+
+class TimedCodec:
+    """A codec whose prepare/estimate/encode/decode calls add up their time (ms) in ``ms``.
+
+    Rate control sees it as the codec itself, so the manifest can say where an item's
+    encode time went (analysis, cheap estimates, real encodes) without rate control or the
+    codecs knowing about timing.
+    """
+
+    def __init__(self, codec: Any):
+        self._codec = codec
+        self.ms: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._codec, name)
+
+    def _timed(self, method: str, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return getattr(self._codec, method)(*args)
+        finally:
+            self.ms[method] += (time.perf_counter() - t0) * 1000.0
+
+    def prepare(self, image: np.ndarray) -> Any:
+        return self._timed("prepare", image)
+
+    def estimate(self, prepared: Any, value: float) -> float | None:
+        return self._timed("estimate", prepared, value)
+
+    def encode(self, prepared: Any, value: float) -> bytes:
+        return self._timed("encode", prepared, value)
+
+    def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
+        return self._timed("decode", payload, width, height, value)
 
 
 class VerifyError(ItemError):
@@ -79,7 +115,9 @@ class Compressor:
                 raise ItemError("plan", "no target: give --target-bpp/--target-bytes/--target-psnr "
                                         "or a target_* column in the listing")
             stages.append("read")
+            t0 = time.perf_counter()
             image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
+            row["read_ms"] = (time.perf_counter() - t0) * 1000.0
             h, w = image.height, image.width
             row.update(width=w, height=h, original_mode=image.original_mode)
 
@@ -102,15 +140,20 @@ class Compressor:
         h, w = image.height, image.width
         stages.append("encode")
         t0 = time.perf_counter()
-        prepared = codec.prepare(image.pixels)
+        timed = TimedCodec(codec)
+        prepared = timed.prepare(image.pixels)
         overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
-        outcome = search(codec, prepared, image.pixels, target, overhead)
+        outcome = search(timed, prepared, image.pixels, target, overhead)
         blob = container.pack(codec.name, outcome.payload, value=outcome.value, width=w, height=h,
                               mode=image.original_mode, weights_sha256=payload_weights_sha256(codec, outcome.payload))
-        row["encode_ms"] = (time.perf_counter() - t0) * 1000.0
+        t1 = time.perf_counter()
+        row.update(encode_ms=(t1 - t0) * 1000.0, analysis_ms=timed.ms["prepare"],
+                   search_ms=timed.ms["estimate"] + timed.ms["decode"], entropy_ms=timed.ms["encode"])
 
         stages.append("write")
         atomic_write(self.out_fs, out_path, blob)
+        t2 = time.perf_counter()
+        row["write_ms"] = (t2 - t1) * 1000.0
 
         if self.config.verify:
             stages.append("verify")
@@ -126,6 +169,7 @@ class Compressor:
             bpp=len(blob) * 8.0 / (w * h), rate_param=outcome.value, encodes=outcome.encodes,
             psnr=p if math.isfinite(p) else float("inf"),
             ms_ssim=ms_ssim(image.pixels, restored) if self.config.ms_ssim else None,
+            metrics_ms=(time.perf_counter() - t2) * 1000.0,
         )
 
     def verify(self, out_path: str, blob: bytes, prepared: Any, value: float) -> np.ndarray:

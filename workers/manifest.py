@@ -44,7 +44,17 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("original_mode", pa.string()),
     ("shard", pa.int32()),
     ("verified", pa.bool_()),          # --verify: true once the stored file decoded as encoded; else null
+    # Where an item's time went (ms; ratefit bench sums them): fetch + decode of the input,
+    # the rate-independent analysis (prepare), cheap rate estimates during the search, real
+    # encodes (entropy coding included), the write, and verify + metrics.
+    ("read_ms", pa.float64()),
+    ("analysis_ms", pa.float64()),
+    ("search_ms", pa.float64()),
+    ("entropy_ms", pa.float64()),
+    ("write_ms", pa.float64()),
+    ("metrics_ms", pa.float64()),
 ])
+STAGE_COLUMNS = ("read_ms", "analysis_ms", "search_ms", "entropy_ms", "write_ms", "metrics_ms")
 
 # A budget job's probe pass (``OUTPUT/_plan/probes/``): each image's R-D curve at a few
 # control values, predicted stored bytes and PSNR, in probe order.
