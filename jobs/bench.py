@@ -4,10 +4,10 @@
     ratefit bench --driver 1000,10000,100000 [--json FILE]
 
 The first runs the job as users run it (embedded Ray, actors, manifests, ``_SUCCESS``) and
-then, in the same process, a naive loop that reads, searches the same target with the same
-codec and rate control, writes and measures each image in turn (the very per-item code the
-actors run, without Ray). Both include their start-up (Ray, loading the codec): that is what
-a user waits for. Per-stage times come from the manifest rows (``read_ms`` … ``metrics_ms``).
+then, in a fresh Python process, a naive loop that reads, searches the same target with the
+same codec and rate control, writes and measures each image in turn (the very per-item code
+the actors run, without Ray). Both are timed from their start (imports, Ray, loading the
+codec): that is what a user waits for. Per-stage times come from the manifest rows (``read_ms`` … ``metrics_ms``).
 
 The second measures the driver: a job over N tiny generated images, each N in a fresh
 process, reporting the driver's own CPU time per item and its peak memory, which must stay
@@ -82,16 +82,31 @@ def _stage_totals(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {c: round(sum(r[c] or 0.0 for r in done) / max(len(done), 1), 2) for c in STAGE_COLUMNS}
 
 
-def _naive(spec: Any, output: str) -> tuple[float, list[dict[str, Any]]]:
+def _naive_loop(spec_json: str, output: str) -> list[dict[str, Any]]:
+    """The naive loop itself: one process, one item after another, the actors' per-item code."""
     from ratefit.jobs.recompress import plan_items
+    from ratefit.jobs.spec import JobSpec
     from ratefit.workers.compress import CompressConfig, Compressor
 
-    t0 = time.perf_counter()
+    spec = JobSpec.from_dict(json.loads(spec_json))
     worker = Compressor(CompressConfig(output=output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                                        target=spec.default_target(), storage_options=spec.storage_options,
                                        max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim))
-    rows = [worker(item, 0, 1) for item in plan_items(spec)]
-    return time.perf_counter() - t0, rows
+    return [worker(item, 0, 1) for item in plan_items(spec)]
+
+
+def _naive(spec: Any, output: str) -> tuple[float, list[dict[str, Any]]]:
+    """The naive loop in a fresh Python process, timed from its start (imports and loading the
+    codec included), as the job is timed from its start."""
+    rows_file = Path(output + ".rows.json")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ratefit.jobs.bench", "--naive-one",
+                           json.dumps(spec.to_dict(redacted=False)), output, str(rows_file)],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"naive loop failed: {proc.stderr[-2000:]}")
+    return wall, json.loads(rows_file.read_text())
 
 
 def run_pipeline_vs_naive(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,7 +188,25 @@ def _driver_one(items: int) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     return {"items": items, "statuses": summary["statuses"], "driver_cpu_s": round(cpu, 3),
             "driver_ms_per_item": round(1000 * cpu / items, 4), "wall_s": round(wall, 2),
-            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            **_memory_now()}
+
+
+def _memory_now() -> dict[str, float]:
+    """The driver's peak resident memory (VmHWM) and what is resident now, by kind.
+
+    Not ``ru_maxrss``: Linux carries it across fork and exec, so a process started by a big
+    parent reports the parent's peak.
+    """
+    names = {"VmHWM": "driver_peak_rss_mb", "RssAnon": "driver_rss_anon_mb", "RssFile": "driver_rss_file_mb"}
+    out: dict[str, float] = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in names:
+                out[names[key]] = round(int(value.split()[0]) / 1024, 1)
+    except OSError:
+        out["driver_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
 
 
 def run_driver(counts: list[int]) -> dict[str, Any]:
@@ -207,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--driver-one"]:
         print(json.dumps(_driver_one(int(sys.argv[2]))))
+        sys.exit(0)
+    if sys.argv[1:2] == ["--naive-one"]:
+        Path(sys.argv[4]).write_text(json.dumps(_naive_loop(sys.argv[2], sys.argv[3]), default=str))
         sys.exit(0)
     parser = argparse.ArgumentParser(prog="python -m ratefit.jobs.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
