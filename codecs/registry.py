@@ -59,6 +59,23 @@ def get_codec(name: str, **options: Any) -> Codec:
     return factory(**options)
 
 
+def preferred_device(name: str, **options: Any) -> str:
+    """Where codec ``name`` wants to run ("cpu" or "cuda").
+
+    Read from the factory when it says (a codec class's ``preferred_device``), so a job's
+    driver need not load a model just to size its actor pool; otherwise the codec is built.
+    """
+    _load_builtin_and_plugins()
+    if name not in _FACTORIES and name in _LAZY:
+        import_module(_LAZY[name])
+    factory = _FACTORIES[name]
+    device = getattr(factory, "preferred_device", None)
+    if isinstance(device, str):
+        return device
+    codec = factory(**options)
+    return getattr(codec, "preferred_device", codec.device)
+
+
 def accepts_option(name: str, option: str) -> bool:
     """Whether the factory of ``name`` takes keyword ``option`` (False for unknown names)."""
     import inspect

@@ -649,6 +649,10 @@ class ZooFactory:
     def __call__(self, **options: Any) -> Any:
         return self.cls(self.zoo_name, **options)
 
+    @property
+    def preferred_device(self) -> str:
+        return self.cls.preferred_device
+
     def describe(self) -> dict[str, Any]:
         spec = ZOO[self.zoo_name]
         n = len(spec.qualities)

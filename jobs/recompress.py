@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, Iterator
 
-from ratefit.codecs.registry import get_codec
+from ratefit.codecs.registry import preferred_device
 from ratefit.jobs.plan import iter_folder, iter_listing, shard
 from ratefit.jobs.runner import run_shards
 from ratefit.jobs.spec import JobSpec, SpecError, load_spec_file
@@ -37,12 +37,15 @@ def run(spec: JobSpec) -> dict[str, Any]:
         from ratefit.jobs import budget
 
         return budget.run(spec, plan_items)
-    codec = get_codec(spec.codec, **spec.codec_kwargs())   # fails fast on bad codec options
+    # The codec is built on the workers only: the runner waits for them to start and turns a
+    # codec that cannot be built (bad options, missing weights) into one JobError, before
+    # anything is written to OUTPUT. The driver never loads a model.
+    device = preferred_device(spec.codec, **spec.codec_kwargs())
     config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                             target=spec.default_target(), storage_options=spec.storage_options,
                             max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify)
     return run_shards(spec, shard(plan_items(spec), spec.shard_size), config, COMPRESS_SCHEMA,
-                      codec_device=getattr(codec, "preferred_device", codec.device))
+                      codec_device=device)
 
 
 def _json_arg(text: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -96,6 +97,15 @@ def _prepare_output(spec: JobSpec, fs, root: str) -> None:
     atomic_write(fs, record_path, json.dumps(record, indent=2).encode())
 
 
+def _creation_error(e: Exception) -> str:
+    """The exception line of an actor's failed constructor (Ray wraps it in a traceback)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception): ", line):
+            return redact(re.sub(r"^(?:[a-z_]\w*\.)+(?=[A-Z])", "", line))
+    return redact(lines[-1] if lines else type(e).__name__)
+
+
 def _failed_rows(shard: Shard, schema, attempt: int, reason: str) -> list[dict]:
     rows = []
     for item in shard.items:
@@ -129,7 +139,6 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
     set_retry_window(spec.storage_retry_s)
     fs, root = open_fs(spec.output, spec.storage_options)
     manifest_root = f"{root}/{manifest_dir}"
-    with_retries(lambda: _prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
     started = connect(spec.address)
     state = RunState()
     progress = Progress(spec.progress, label or ("compress" if spec.kind == "compress" else "decompress"))
@@ -144,6 +153,11 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
         # knows which attempt a shard is on and never loses capacity.
         remote_cls = ray.remote(ShardWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0)
         slots = [_Slot(remote_cls.remote(worker_config, spec.storage_retry_s)) for _ in range(n_workers)]
+        try:   # the workers build the codec: one that cannot be built stops the job here, OUTPUT untouched
+            ray.get(slots[0].actor.ready.remote())
+        except RayActorError as e:
+            raise JobError(f"the workers could not start: {_creation_error(e)}") from None
+        with_retries(lambda: _prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
         done = existing_parts(fs, manifest_root)
         in_flight: dict[Any, tuple[_Slot, Any, Shard, int]] = {}
 
