@@ -293,6 +293,7 @@ def run(spec: JobSpec, plan_items) -> dict[str, Any]:
     finally:
         if started:
             ray.shutdown()
+    state.stats.clear()   # the correction pass rewrote parts of this pass: read them all back
     summary = finish(spec, fs, root, state, time.time() - t_start, write=False)
     achieved = float(summary["output_bytes"])
     summary["budget"] = {**{k: v for k, v in plan_summary.items() if k != "spec_hash"},

@@ -8,11 +8,9 @@ only then writes ``_SUCCESS``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import math
 import re
 import time
 from collections import Counter
@@ -27,7 +25,8 @@ from ratefit.jobs.progress import Progress
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.actor import ShardWorker
 from ratefit.workers.items import Shard
-from ratefit.workers.manifest import MANIFEST_DIR, existing_parts, part_name, write_part
+from ratefit.workers.manifest import (MANIFEST_DIR, existing_parts, part_name, part_stats, shard_fingerprint,
+                                     write_part)
 from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, open_fs, redact, set_retry_window,
                                      with_retries)
 
@@ -50,10 +49,6 @@ def ratefit_version() -> str:
         return "unknown"
 
 
-def shard_fingerprint(uris: list[str]) -> str:
-    return hashlib.sha256("\n".join(uris).encode("utf-8", "surrogatepass")).hexdigest()[:32]
-
-
 @dataclass
 class _Planned:
     count: int
@@ -69,6 +64,9 @@ class _Slot:
 @dataclass
 class RunState:
     planned: dict[int, _Planned] = field(default_factory=dict)
+    # part_stats of the parts committed during this pass (as their workers reported them);
+    # finish reads back only the others. Clear it when parts are rewritten afterwards.
+    stats: dict[int, dict[str, Any]] = field(default_factory=dict)
     resumed_shards: int = 0
     retried_shards: int = 0
     failed_shards: int = 0
@@ -173,6 +171,7 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
             slot.busy -= 1
             try:
                 summary = ray.get(ref)
+                state.stats[shard.index] = summary["stats"]
                 progress.advance(summary["items"], summary["input_bytes"])
             except StorageUnavailable as e:
                 # Not the items' fault: stop rather than record an outage as bad items.
@@ -191,8 +190,9 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
                     submit(min(slots, key=lambda s: s.busy), shard, attempt + 1)
                 else:
                     state.failed_shards += 1
-                    write_part(fs, manifest_root, shard.index,
-                               _failed_rows(shard, schema, attempt, f"failed {attempt} times: {reason}"), schema)
+                    rows = _failed_rows(shard, schema, attempt, f"failed {attempt} times: {reason}")
+                    write_part(fs, manifest_root, shard.index, rows, schema)
+                    state.stats[shard.index] = part_stats(rows)
                     progress.advance(len(shard.items), 0)
 
         for shard in shards:
@@ -222,11 +222,6 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
     return state
 
 
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else None
-
-
 def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifest_dir: str = MANIFEST_DIR,
            write: bool = True) -> dict[str, Any]:
     """Check that every planned shard has exactly its part, summarise, and write ``_SUCCESS``.
@@ -241,30 +236,27 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
         raise JobError(f"{len(stray)} manifest part(s) in {redact(spec.output)}/{manifest_dir} are not in this plan "
                        f"(e.g. {part_name(stray[0])}): the input changed since they were written; "
                        "re-run with --overwrite")
+    totals: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
-    in_bytes = out_bytes = verified_items = verify_failures = 0
-    bpps: list[float] = []
-    psnrs: list[float] = []
-    ssims: list[float] = []
     for index, planned in sorted(state.planned.items()):
         if index not in committed:
             raise JobError(f"shard {index} has no manifest part after the run; re-run to finish it")
-        table = pq.read_table(io.BytesIO(fetch(fs, f"{manifest_root}/{part_name(index)}")))
-        rows = table.to_pydict()
-        uris = rows["input_uri"]
-        if len(uris) != planned.count or shard_fingerprint([u or "" for u in uris]) != planned.fingerprint:
+        stats = state.stats.get(index)
+        if stats is None:   # committed by an earlier run (or rewritten since): read it back
+            table = pq.read_table(io.BytesIO(fetch(fs, f"{manifest_root}/{part_name(index)}")))
+            stats = part_stats(table.to_pylist())
+        if stats["count"] != planned.count or stats["fingerprint"] != planned.fingerprint:
             raise JobError(f"manifest part {part_name(index)} does not match the planned shard "
-                           f"({len(uris)} rows, {planned.count} planned): the input changed since it was "
+                           f"({stats['count']} rows, {planned.count} planned): the input changed since it was "
                            "written; re-run with --overwrite")
-        statuses.update(rows["status"])
-        verified = rows.get("verified", [])
-        verified_items += sum(1 for v in verified if v is True)
-        verify_failures += sum(1 for v in verified if v is False)
-        in_bytes += sum(v or 0 for v in rows["input_bytes"])
-        out_bytes += sum(v or 0 for v in rows["output_bytes"])
-        bpps += [v for v in rows.get("bpp", []) if v is not None]
-        psnrs += [v for v in rows.get("psnr", []) if v is not None]
-        ssims += [v for v in rows.get("ms_ssim", []) if v is not None]
+        statuses.update(stats["statuses"])
+        totals.update({k: v for k, v in stats.items() if k not in ("count", "fingerprint", "statuses")})
+    in_bytes, out_bytes = totals["input_bytes"], totals["output_bytes"]
+    verified_items, verify_failures = totals["verified"], totals["verify_failures"]
+
+    def mean(name: str) -> float | None:
+        return totals[f"{name}_sum"] / totals[f"{name}_n"] if totals[f"{name}_n"] else None
+
     items = sum(p.count for p in state.planned.values())
     summary: dict[str, Any] = {
         "kind": spec.kind,
@@ -282,8 +274,8 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
         "spec": spec.to_dict(redacted=True),
     }
     if spec.kind == "compress":
-        summary.update(mean_bpp=_mean(bpps), mean_psnr=_mean(psnrs), mean_ms_ssim=_mean(ssims),
-                       lossless_items=sum(1 for p in psnrs if math.isinf(p)))
+        summary.update(mean_bpp=mean("bpp"), mean_psnr=mean("psnr"), mean_ms_ssim=mean("ms_ssim"),
+                       lossless_items=totals["lossless"])
         if spec.verify:
             # Counted from the rows: shards committed by an earlier run without --verify do not count.
             summary.update(verified_items=verified_items, verify_failures=verify_failures)

@@ -8,13 +8,12 @@ has them).
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from ratefit.workers.compress import CompressConfig, Compressor
 from ratefit.workers.decompress import DecompressConfig, Decompressor
 from ratefit.workers.items import Shard
-from ratefit.workers.manifest import MANIFEST_DIR, write_part
+from ratefit.workers.manifest import MANIFEST_DIR, part_stats, write_part
 from ratefit.workers.probe import ProbeConfig, Prober
 from ratefit.workers.storage import set_retry_window
 
@@ -34,13 +33,9 @@ class ShardWorker:
     def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
         rows = [self.processor(item, shard.index, attempt) for item in shard.items]
         write_part(self.processor.out_fs, self.manifest_root, shard.index, rows, self.processor.schema)
-        return {
-            "shard": shard.index,
-            "items": len(rows),
-            "statuses": dict(Counter(r["status"] for r in rows)),
-            "input_bytes": sum(r["input_bytes"] or 0 for r in rows),
-            "output_bytes": sum(r["output_bytes"] or 0 for r in rows),
-        }
+        stats = part_stats(rows)
+        return {"shard": shard.index, "items": len(rows), "statuses": stats["statuses"],
+                "input_bytes": stats["input_bytes"], "output_bytes": stats["output_bytes"], "stats": stats}
 
     def ready(self) -> bool:
         return True

@@ -7,7 +7,10 @@ bitstream that was not fully written. Any Arrow tool reads ``_manifest/`` as one
 
 from __future__ import annotations
 
+import hashlib
 import io
+import math
+from collections import Counter
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -125,3 +128,34 @@ def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
     names = sorted(n for n in listed if n.rstrip("/").rsplit("/", 1)[-1].startswith("part-"))
     tables = [pq.read_table(io.BytesIO(fetch(fs, n)), columns=columns) for n in names]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def shard_fingerprint(uris: list[str]) -> str:
+    """A shard's identity: its (redacted) input URIs in order."""
+    return hashlib.sha256("\n".join(uris).encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def part_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a job's summary needs of one committed part: counts and sums, not the rows.
+
+    Computed by the worker that commits the part (and returned with the shard's result), or
+    from a part read back when it was committed by an earlier run: the driver then reads
+    back only what it did not see being written.
+    """
+    def column(name: str) -> list[Any]:
+        return [r.get(name) for r in rows]
+
+    stats: dict[str, Any] = {
+        "count": len(rows),
+        "fingerprint": shard_fingerprint([u or "" for u in column("input_uri")]),
+        "statuses": dict(Counter(column("status"))),
+        "input_bytes": sum(v or 0 for v in column("input_bytes")),
+        "output_bytes": sum(v or 0 for v in column("output_bytes")),
+        "verified": sum(1 for v in column("verified") if v is True),
+        "verify_failures": sum(1 for v in column("verified") if v is False),
+        "lossless": sum(1 for v in column("psnr") if v is not None and math.isinf(v)),
+    }
+    for name in ("bpp", "psnr", "ms_ssim"):
+        finite = [v for v in column(name) if v is not None and math.isfinite(v)]
+        stats[f"{name}_sum"], stats[f"{name}_n"] = float(sum(finite)), len(finite)
+    return stats
