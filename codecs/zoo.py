@@ -255,6 +255,17 @@ class _ZooCodecBase:
         return sha256("\n".join(f"{s.quality} {s.label}" for s in self.sources).encode())
 
 
+class _OneNetworkPerQuality(_ZooCodecBase):
+    """Codecs holding one network per zoo quality; a payload's first byte names its network."""
+
+    def weights_sha256_of(self, payload: bytes) -> bytes:
+        """The SHA-256 of the network that wrote ``payload`` (loading it if needed)."""
+        if len(payload) < 1:
+            raise CodecError(f"{self.name} payload is empty")
+        with self._lock:
+            return self.network(payload[0]).sha
+
+
 # ------------------------------------------------------------------------------ fixed-rate + Δ
 
 @dataclass
@@ -275,7 +286,7 @@ class FixedPrepared:
     junctions: dict[int, float] = field(default_factory=dict)    # k -> Δ*ₖ
 
 
-class ZooFixedRateCodec(_ZooCodecBase):
+class ZooFixedRateCodec(_OneNetworkPerQuality):
     """A set of fixed-rate hyperprior networks with a continuous quantisation step between them."""
 
     def __init__(self, zoo_name: str, weights: str | None = None, device: str = "auto", threads: int | None = None,
@@ -377,13 +388,6 @@ class ZooFixedRateCodec(_ZooCodecBase):
                 raise CodecError(f"{self.name} payload does not decode: {e}") from e
             return _to_pixels(net.synthesise(sym * step + means, self.tile), width, height)
 
-    def weights_sha256_of(self, payload: bytes) -> bytes:
-        """The SHA-256 of the network that wrote ``payload`` (loading it if needed)."""
-        if len(payload) < 1:
-            raise CodecError(f"{self.name} payload is empty")
-        with self._lock:
-            return self.network(payload[0]).sha
-
 
 # ------------------------------------------------------------------------------------- VBR
 
@@ -451,11 +455,10 @@ class _VbrNet(HyperNet):
         values = RansDecoder().decode_with_indexes(z_string, channel.reshape(-1).int().tolist(), cdf.int().tolist(),
                                                    (length + 2).int().tolist(), offset.int().tolist())
         z_sym = torch.tensor(values, dtype=torch.float64).reshape(1, n, *shape)
-        qs = self.grid[index][0] if self.grid else 1.0
-        medians = self.medians64 if self.grid else self.model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
-        if not self.grid:   # the fixed bottleneck's own arithmetic (float32), as quantize_z does
-            return (z_sym.float() + medians.cpu()).double()
-        return z_sym * qs + medians.cpu()
+        if not self.grid:   # the fixed bottleneck's own float32 arithmetic, as quantize_z does
+            medians = self.model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1).cpu()
+            return (z_sym.float() + medians).double()
+        return z_sym * self.grid[index][0] + self.medians64.cpu()
 
     def dequantize_y(self, sym: torch.Tensor, scales: torch.Tensor, means: torch.Tensor, gain: float) -> torch.Tensor:
         """ŷ from the coded integers: the learned reconstruction offsets, then the step and means."""
@@ -576,7 +579,7 @@ class ArPrepared:
     height: int
 
 
-class ZooAutoregressiveCodec(_ZooCodecBase):
+class ZooAutoregressiveCodec(_OneNetworkPerQuality):
     """A set of autoregressive networks (serial context model): one discrete quality per network."""
 
     speed = "slow"
@@ -626,12 +629,6 @@ class ZooAutoregressiveCodec(_ZooCodecBase):
             except (RuntimeError, ValueError) as e:
                 raise CodecError(f"{self.name} payload does not decode: {e}") from e
         return _to_pixels(x_hat.clamp(0, 1), width, height)
-
-    def weights_sha256_of(self, payload: bytes) -> bytes:
-        if len(payload) < 1:
-            raise CodecError(f"{self.name} payload is empty")
-        with self._lock:
-            return self.network(payload[0]).sha
 
 
 # ------------------------------------------------------------------------------- registration
