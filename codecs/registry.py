@@ -44,19 +44,25 @@ def _load_builtin_and_plugins() -> None:
     _entry_points_loaded = True
 
 
-def get_codec(name: str, **options: Any) -> Codec:
-    """Build the codec registered as ``name``; raises KeyError listing the known names."""
+def factory_of(name: str) -> Factory:
+    """The factory registered as ``name`` (importing a lazy built-in on first use).
+
+    Raises KeyError listing the known names.
+    """
     _load_builtin_and_plugins()
     if name not in _FACTORIES and name in _LAZY:
         import_module(_LAZY[name])   # registers itself
-    elif name not in _FACTORIES and name.startswith("compressai:"):
+    if name in _FACTORIES:
+        return _FACTORIES[name]
+    if name.startswith("compressai:"):
         raise KeyError(f"unknown codec {name!r}; CompressAI zoo models ratefit runs: "
                        f"{', '.join('compressai:' + n for n in ZOO_NAMES)}")
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(list_codecs())}") from None
-    return factory(**options)
+    raise KeyError(f"unknown codec {name!r}; known codecs: {', '.join(list_codecs())}")
+
+
+def get_codec(name: str, **options: Any) -> Codec:
+    """Build the codec registered as ``name``; raises KeyError listing the known names."""
+    return factory_of(name)(**options)
 
 
 def preferred_device(name: str, **options: Any) -> str:
@@ -65,10 +71,7 @@ def preferred_device(name: str, **options: Any) -> str:
     Read from the factory when it says (a codec class's ``preferred_device``), so a job's
     driver need not load a model just to size its actor pool; otherwise the codec is built.
     """
-    _load_builtin_and_plugins()
-    if name not in _FACTORIES and name in _LAZY:
-        import_module(_LAZY[name])
-    factory = _FACTORIES[name]
+    factory = factory_of(name)
     device = getattr(factory, "preferred_device", None)
     if isinstance(device, str):
         return device
@@ -81,10 +84,7 @@ def accepts_option(name: str, option: str) -> bool:
     import inspect
 
     try:
-        _load_builtin_and_plugins()
-        if name not in _FACTORIES and name in _LAZY:
-            import_module(_LAZY[name])
-        params = inspect.signature(_FACTORIES[name]).parameters.values()
+        params = inspect.signature(factory_of(name)).parameters.values()
     except (KeyError, TypeError, ValueError):
         return False
     return any(p.name == option or p.kind is p.VAR_KEYWORD for p in params)
@@ -101,10 +101,7 @@ def describe(name: str) -> dict[str, Any]:
     A factory with a ``describe()`` method answers without being built (codecs that need
     weights the user has not given); any other codec is built with default options.
     """
-    _load_builtin_and_plugins()
-    if name not in _FACTORIES and name in _LAZY:
-        import_module(_LAZY[name])
-    factory = _FACTORIES[name]
+    factory = factory_of(name)
     if callable(getattr(factory, "describe", None)):
         return factory.describe()
     c = factory()

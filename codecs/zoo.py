@@ -271,6 +271,7 @@ class _OneNetworkPerQuality(_ZooCodecBase):
 @dataclass
 class _Latent:
     y: torch.Tensor
+    z: torch.Tensor
     z_sym: torch.Tensor
     scales: torch.Tensor
     means: torch.Tensor
@@ -301,9 +302,10 @@ class ZooFixedRateCodec(_OneNetworkPerQuality):
         if k not in prep.latents:
             net = self.network(self.sources[k - 1].quality)
             y = net.analyse(prep.x, self.tile)
-            z_sym, z_hat = net.quantize_z(net.hyper(y))
+            z = net.hyper(y)
+            z_sym, z_hat = net.quantize_z(z)
             scales, means = net.params(z_hat)
-            prep.latents[k] = _Latent(y, z_sym, scales, means, net.z_bits(z_sym))
+            prep.latents[k] = _Latent(y, z, z_sym, scales, means, net.z_bits(z_sym))
         return prep.latents[k]
 
     def _bits(self, prep: FixedPrepared, k: int, step: float) -> float:
@@ -360,7 +362,7 @@ class ZooFixedRateCodec(_OneNetworkPerQuality):
         with self._lock:
             k, step = self._step(prepared, value)
             lat, net = self._latent(prepared, k), self.network(self.sources[k - 1].quality)
-            z = net.model.entropy_bottleneck.compress(net.hyper(lat.y))[0]
+            z = net.model.entropy_bottleneck.compress(lat.z)[0]
             y = net.code_y(lat.y, lat.scales, lat.means, step)
         return _FIXED_HEAD.pack(net.quality, step, len(z)) + z + y
 

@@ -90,12 +90,13 @@ def find_sources(zoo_name: str, weights: str, qualities: Sequence[int],
     found: dict[int, Source] = {}
     for p in sorted(names):
         name = p.rstrip("/").rsplit("/", 1)[-1]
+        url = p if protocol in ("file", "local") else fs.unstrip_protocol(p)
         if qualities:
             q = quality_in_name(zoo_name, name)
             if q in qualities:
-                found.setdefault(q, Source(q, fs.unstrip_protocol(p) if protocol not in ("file", "local") else p))
+                found.setdefault(q, Source(q, url))
         elif name.startswith(zoo_name.removesuffix("-vbr")) and "vbr" in name and name.endswith(_CHECKPOINT_SUFFIXES):
-            found.setdefault(0, Source(0, fs.unstrip_protocol(p) if protocol not in ("file", "local") else p))
+            found.setdefault(0, Source(0, url))
     if not found:
         want = (f"{zoo_name}-<quality>[-<hash>].pth.tar, quality in {min(qualities)}..{max(qualities)}"
                 if qualities else f"{zoo_name.removesuffix('-vbr')}-mse-vbr-<hash>.pth.tar")
