@@ -145,23 +145,28 @@ class GainHyperpriorCodec:
 
     @torch.inference_mode()
     def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
+        return self._decode_streams(payload, width, height, value)
+
+    def _decode_streams(self, payload: bytes, width: int, height: int, value: float,
+                        level_map: torch.Tensor | None = None) -> np.ndarray:
+        """``u32 len(z)`` + z + y back to pixels (per position levels from ``level_map``)."""
         if len(payload) < _LEN.size:
-            raise CodecError(f"{NAME} payload of {len(payload)} bytes is too short")
+            raise CodecError(f"{self.name} payload of {len(payload)} bytes is too short")
         (zlen,) = _LEN.unpack_from(payload)
         if zlen > len(payload) - _LEN.size:
-            raise CodecError(f"{NAME} payload says its z string has {zlen} bytes, only "
+            raise CodecError(f"{self.name} payload says its z string has {zlen} bytes, only "
                              f"{len(payload) - _LEN.size} follow")
         if not (self.control.low <= value <= self.control.high):
-            raise CodecError(f"{NAME} level {value!r} is outside {self.control.low:g}..{self.control.high:g}")
+            raise CodecError(f"{self.name} level {value!r} is outside {self.control.low:g}..{self.control.high:g}")
         zh, zw = z_shape_for(height, width)
         cfg = self.model.config
         z = _guarded(payload[_LEN.size:_LEN.size + zlen], cfg.N * zh * zw)
         y = _guarded(payload[_LEN.size + zlen:], cfg.M * 16 * zh * zw)
         with self._lock:
             try:
-                x_hat = self.model.decompress_latent(z, y, (zh, zw), value, self._device, self.tile)
+                x_hat = self.model.decompress_latent(z, y, (zh, zw), value, self._device, self.tile, level_map)
             except (RuntimeError, ValueError) as e:
-                raise CodecError(f"{NAME} payload does not decode: {e}") from e
+                raise CodecError(f"{self.name} payload does not decode: {e}") from e
         return _to_pixels(x_hat, width, height)
 
 

@@ -164,10 +164,28 @@ class GainedHyperprior(CompressionModel):
         """
         return run_tiled(self.g_a, x, tile, TILE_HALO, self.config.M, 1, LATENT_STRIDE)
 
-    def _hyper(self, y: torch.Tensor, v: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _y_gain(self, name: str, v: float, level_map: torch.Tensor | None, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """y's gain (``name`` = "gain") or inverse gain at level ``v``, or per position at ``level_map``.
+
+        ``level_map`` (h x w, the latent's size) gives every latent position its own level:
+        spatial rate control without a retrained model, in the spirit of the spatial-channel
+        gains of Gained VAE and of QVRF's scaled quantisation bin. Only y's gains follow it;
+        the hyper-latent keeps the scalar level, so the coder's parameters (scales, means,
+        z's tables) never depend on the map's floating-point values.
+        """
+        table = getattr(self, f"log_{name}").detach().to(dtype)
+        if level_map is None:
+            return self._interpolate(table, torch.tensor([float(v)], device=device))
+        values, inverse = torch.unique(level_map.to(device=device, dtype=dtype), return_inverse=True)
+        per_value = self._interpolate(table, values)[:, :, 0, 0]         # U x M
+        return per_value[inverse].permute(2, 0, 1)[None]                  # 1 x M x h x w
+
+    def _hyper(self, y: torch.Tensor, v: float, level_map: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         vv = torch.tensor([float(v)], device=y.device)
         g = self.gains(vv)
-        y_g = y * g["gain"]
+        y_g = y * (g["gain"] if level_map is None else self._y_gain("gain", v, level_map, y.dtype, y.device))
         z_g = self.h_a(y_g) * g["hgain"]
         return y_g, z_g, g
 
@@ -183,7 +201,7 @@ class GainedHyperprior(CompressionModel):
         indexes = self.gaussian_conditional.build_indexes(scales)
         return indexes, means, scales
 
-    def estimate_bits(self, y: torch.Tensor, v: float) -> float:
+    def estimate_bits(self, y: torch.Tensor, v: float, level_map: torch.Tensor | None = None) -> float:
         """Bits the rANS coder will spend at level ``v``, without running it.
 
         Every symbol is priced from the very quantised CDF row the coder will use (its
@@ -191,7 +209,7 @@ class GainedHyperprior(CompressionModel):
         as the escape symbol plus CompressAI's 4-bit bypass words. What remains is the
         coder's flush and word padding, a few bytes per stream, added at their worst case.
         """
-        y_g, z_g, _ = self._hyper(y, v)
+        y_g, z_g, _ = self._hyper(y, v, level_map)
         z_sym, z_hat_g = self._quantize_z(z_g)
         indexes, means, _ = self._entropy_params(z_hat_g, v)
         bits = coded_bits_by_channel(lambda b: torch.round(y_g[:, b].double() - means[:, b]).long(), indexes,
@@ -212,9 +230,9 @@ class GainedHyperprior(CompressionModel):
             self._tables[key] = coder_tables(model._quantized_cdf, model._offset, model._cdf_length)
         return self._tables[key]
 
-    def compress_latent(self, y: torch.Tensor, v: float) -> tuple[bytes, bytes]:
+    def compress_latent(self, y: torch.Tensor, v: float, level_map: torch.Tensor | None = None) -> tuple[bytes, bytes]:
         """Entropy-code ``y`` (batch of one) at level ``v``; returns (z string, y string)."""
-        y_g, z_g, _ = self._hyper(y, v)
+        y_g, z_g, _ = self._hyper(y, v, level_map)
         z_strings = self.entropy_bottleneck.compress(z_g)
         z_hat_g = self.entropy_bottleneck.decompress(z_strings, z_g.shape[-2:])
         indexes, means, _ = self._entropy_params(z_hat_g, v)
@@ -222,34 +240,34 @@ class GainedHyperprior(CompressionModel):
         return z_strings[0], y_strings[0]
 
     def decompress_latent(self, z_string: bytes, y_string: bytes, z_shape: tuple[int, int], v: float,
-                          device: torch.device, tile: int = 0) -> torch.Tensor:
+                          device: torch.device, tile: int = 0, level_map: torch.Tensor | None = None) -> torch.Tensor:
         """Decode the strings back to the synthesis output x̂ in [0, 1] (padded size)."""
         z_hat_g = self.entropy_bottleneck.decompress([z_string], z_shape).to(device)
         indexes, means, _ = self._entropy_params(z_hat_g, v)
         y_hat_g = self.gaussian_conditional.decompress([y_string], indexes, dtype=torch.float64, means=means)
-        return self._synthesise(y_hat_g.to(device), v, tile)
+        return self._synthesise(y_hat_g.to(device), v, tile, level_map)
 
-    def _synthesise(self, y_hat_g: torch.Tensor, v: float, tile: int = 0) -> torch.Tensor:
+    def _synthesise(self, y_hat_g: torch.Tensor, v: float, tile: int = 0,
+                    level_map: torch.Tensor | None = None) -> torch.Tensor:
         """Inverse gain (float64) then g_s (float32), clamped to [0, 1]; over tiles if ``tile``.
 
         The encoder's ``reconstruct`` and the decoder both come here with the same tile
         size for the same image, so they stay bit-exact with each other.
         """
-        vv = torch.tensor([float(v)], device=y_hat_g.device)
-        inv_gain = self._interpolate(self.log_inv_gain.detach().double(), vv)
+        inv_gain = self._y_gain("inv_gain", v, level_map, torch.float64, y_hat_g.device)
         y = (y_hat_g * inv_gain).float()
         s = LATENT_STRIDE
         return run_tiled(self.g_s, y, tile // s, TILE_HALO // s, 3, s, 1).clamp_(0, 1)
 
-    def reconstruct(self, y: torch.Tensor, v: float, tile: int = 0) -> torch.Tensor:
+    def reconstruct(self, y: torch.Tensor, v: float, tile: int = 0, level_map: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's output at level ``v`` without entropy coding (for R-D probes).
 
         Quantises exactly as ``compress_latent`` does and synthesises as
         ``decompress_latent`` does, so it equals the real round trip on the same device.
         """
-        y_g, z_g, _ = self._hyper(y, v)
+        y_g, z_g, _ = self._hyper(y, v, level_map)
         _, means, _ = self._entropy_params(self._quantize_z(z_g)[1], v)
-        return self._synthesise(torch.round(y_g.double() - means) + means, v, tile)
+        return self._synthesise(torch.round(y_g.double() - means) + means, v, tile, level_map)
 
     def update_tables(self) -> None:
         """Build the CDF tables (entropy bottleneck and Gaussian scale table) on CPU."""

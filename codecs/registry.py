@@ -19,7 +19,8 @@ _FACTORIES: dict[str, Factory] = {}
 _entry_points_loaded = False
 # Built-in codecs whose module imports torch and compressai (seconds): imported on first use,
 # so a job with a classical codec never pays for them in its driver or workers.
-_LAZY = {"gain-hyperprior": "ratefit.codecs.gain_hyperprior"}
+_LAZY = {"gain-hyperprior": "ratefit.codecs.gain_hyperprior",
+         "gain-hyperprior-roi": "ratefit.codecs.gain_hyperprior_roi"}
 # CompressAI's zoo (``codecs/zoo.py``); named here so listing them does not import torch.
 ZOO_NAMES = ("bmshj2018-hyperprior", "mbt2018-mean", "bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr",
              "mbt2018", "cheng2020-anchor", "cheng2020-attn")

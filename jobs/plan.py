@@ -99,7 +99,7 @@ def _listing_batches(url: str, storage_options: dict[str, Any] | None) -> Iterat
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    wanted = ["uri"] + [f"target_{k}" for k in TARGET_KINDS]
+    wanted = ["uri", "qmap_uri"] + [f"target_{k}" for k in TARGET_KINDS]
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
         if url.lower().endswith(".parquet"):
             pf = pq.ParquetFile(f)
@@ -111,7 +111,8 @@ def _listing_batches(url: str, storage_options: dict[str, Any] | None) -> Iterat
         else:
             reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20),
                                     convert_options=pacsv.ConvertOptions(
-                                        column_types={"uri": pa.string(), **{f"target_{k}": pa.float64()
+                                        column_types={"uri": pa.string(), "qmap_uri": pa.string(),
+                                                      **{f"target_{k}": pa.float64()
                                                                              for k in TARGET_KINDS}},
                                         strings_can_be_null=True))
             names = set(reader.schema.names)
@@ -122,7 +123,15 @@ def _listing_batches(url: str, storage_options: dict[str, Any] | None) -> Iterat
                 yield {k: d[k] for k in wanted if k in d}
 
 
-def _row_item(uri: Any, targets: dict[str, Any], base_fs, base_dir: str, row_no: int) -> Item:
+def _resolve(uri: str, base_fs, base_dir: str) -> str:
+    """A listing's relative path as a URL beside the listing file; absolute ones as given."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return posixpath.join(base_dir, uri) if is_local(base_fs) else base_fs.unstrip_protocol(posixpath.join(base_dir, uri))
+
+
+def _row_item(uri: Any, targets: dict[str, Any], base_fs, base_dir: str, row_no: int,
+              qmap_uri: Any = None) -> Item:
     if not isinstance(uri, str) or not uri.strip():
         return Item(uri=f"<listing row {row_no}>", relpath=f"_invalid/row-{row_no}", error=f"listing row {row_no}: empty uri")
     uri = uri.strip()
@@ -145,14 +154,15 @@ def _row_item(uri: Any, targets: dict[str, Any], base_fs, base_dir: str, row_no:
         parts = uri.replace("\\", "/").split("/")
         if ".." in parts:
             error = error or f"listing row {row_no}: path {uri!r} escapes the listing's folder"
-        uri = posixpath.join(base_dir, uri) if is_local(base_fs) else base_fs.unstrip_protocol(posixpath.join(base_dir, uri))
+        uri = _resolve(uri, base_fs, base_dir)
     if ".." in rel.replace("\\", "/").split("/"):
         error = error or f"listing row {row_no}: path {rel!r} would escape OUTPUT"
-    return Item(uri=uri, relpath=rel, target=target, error=error)
+    qmap = _resolve(qmap_uri.strip(), base_fs, base_dir) if isinstance(qmap_uri, str) and qmap_uri.strip() else None
+    return Item(uri=uri, relpath=rel, target=target, error=error, qmap_uri=qmap)
 
 
 def iter_listing(url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Item]:
-    """Items from a Parquet or CSV listing with a ``uri`` column and optional target_* columns.
+    """Items from a Parquet or CSV listing with a ``uri`` column and optional target_* and qmap_uri columns.
 
     Relative URIs are resolved against the listing file's folder and mirror under OUTPUT
     as given; absolute ones mirror their path below that folder, or their full path.
@@ -164,10 +174,11 @@ def iter_listing(url: str, storage_options: dict[str, Any] | None = None) -> Ite
         for batch in _listing_batches(url, storage_options):
             uris = batch["uri"]
             cols = {k: batch.get(f"target_{k}") for k in TARGET_KINDS}
+            qmap_uris = batch.get("qmap_uri")
             for i, uri in enumerate(uris):
                 row_no += 1
                 targets = {k: (c[i] if c is not None else None) for k, c in cols.items()}
-                yield _row_item(uri, targets, base_fs, base_dir, row_no)
+                yield _row_item(uri, targets, base_fs, base_dir, row_no, qmap_uris[i] if qmap_uris else None)
     except FileNotFoundError:
         raise PlanError(f"listing file not found: {url}") from None
     except (ValueError, OSError) as e:   # pyarrow.ArrowInvalid is a ValueError

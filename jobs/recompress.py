@@ -43,7 +43,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
     device = preferred_device(spec.codec, **spec.codec_kwargs())
     config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                             target=spec.default_target(), storage_options=spec.storage_options,
-                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify)
+                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap)
     return run_shards(spec, shard(plan_items(spec), spec.shard_size), config, COMPRESS_SCHEMA,
                       codec_device=device)
 
@@ -98,6 +98,9 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
                                                                 "or minimise the total squared error")
     p.add_argument("--probes", type=int, help="budget jobs: R-D probes per image (default 10 for continuous "
                                               "codecs, 12 for discrete ones)")
+    p.add_argument("--qmap", help="quality map for spatial codecs (gain-hyperprior-roi): a generator "
+                                  "(uniform, center, saliency, faces, text) or a folder of grayscale PNGs mirroring "
+                                  "the input (a listing's qmap_uri column wins)")
     p.add_argument("--extensions", help="comma-separated input extensions (default: common image formats)")
     p.add_argument("--max-pixels", type=int, help="refuse inputs above this many pixels (checked before decoding)")
     p.add_argument("--no-ms-ssim", dest="ms_ssim", action="store_false", default=None,
@@ -108,7 +111,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "extensions", "max_pixels", "ms_ssim", "verify", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "extensions", "max_pixels", "ms_ssim", "verify", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress")
 
 

@@ -27,7 +27,8 @@ LISTING_SUFFIXES = (".parquet", ".csv")
 _HASHED = ("kind", "input", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
            "extensions", "shard_size", "max_pixels", "ms_ssim")
 # Hashed only when set, so specs without a budget keep the hashes they had before budgets existed.
-_HASHED_IF_SET = {"weights": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr", "probes": None}
+_HASHED_IF_SET = {"weights": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr", "probes": None,
+                  "qmap": None}
 OBJECTIVES = ("psnr", "mse")   # a budget job maximises mean PSNR over items, or minimises total squared error
 
 
@@ -61,6 +62,7 @@ class JobSpec:
     min_psnr: float | None = None       # budget jobs: a quality floor per image
     objective: str = "psnr"
     probes: int | None = None           # budget jobs: probe values per image (default by codec kind)
+    qmap: str | None = None             # a quality-map generator name or a folder of PNG maps (spatial codecs)
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     shard_size: int = 16
     workers: int | None = None         # actors; default: one per CPU (or per GPU for GPU codecs)
@@ -142,10 +144,24 @@ class JobSpec:
             raise SpecError(f"weights: give a file or folder URL (or 'zoo'), got {self.weights!r}")
         if self.weights and "weights" in self.codec_options and self.codec_options["weights"] != self.weights:
             raise SpecError("weights given twice (--weights and codec_options.weights) with different values")
+        if self.qmap is not None:
+            self._validate_qmap(budgets)
         if self.kind == "compress":
             from ratefit.codecs.registry import list_codecs
             if self.codec not in list_codecs():
                 raise SpecError(f"codec: unknown {self.codec!r}; known: {', '.join(list_codecs())}")
+
+    def _validate_qmap(self, budgets: list[str]) -> None:
+        from ratefit.codecs.qmap import GENERATORS
+
+        if not isinstance(self.qmap, str) or not self.qmap.strip():
+            raise SpecError(f"qmap: give a generator ({', '.join(GENERATORS)}) or a folder URL, got {self.qmap!r}")
+        if self.qmap not in GENERATORS and "/" not in self.qmap:
+            raise SpecError(f"qmap: {self.qmap!r} is neither a generator ({', '.join(GENERATORS)}) nor a folder "
+                            f"URL (write a folder as ./{self.qmap} or with its scheme)")
+        if budgets:
+            raise SpecError("qmap: budget jobs do not take quality maps yet (their probes price uniform maps); "
+                            "give a per-item target instead")
 
     def codec_kwargs(self) -> dict[str, Any]:
         """The options the codec is built with: ``codec_options`` plus ``--weights``.

@@ -8,6 +8,7 @@ re-run resumes instead of recording good inputs as errors.
 from __future__ import annotations
 
 import math
+import posixpath
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ratefit.codecs import container
-from ratefit.codecs.base import payload_weights_sha256
+from ratefit.codecs import qmap as qmaps
+from ratefit.codecs.base import CodecError, payload_weights_sha256
 from ratefit.codecs.metrics import ms_ssim, psnr
 from ratefit.codecs.rate import Target, search
 from ratefit.codecs.registry import get_codec
@@ -24,7 +26,7 @@ from ratefit.workers.decompress import check_container, decode_payload
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
 from ratefit.workers.memory import with_tile_fallback
-from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image
+from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image, read_quality_map
 from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join
 
 
@@ -39,6 +41,7 @@ class CompressConfig:
     ms_ssim: bool = True
     manifest_dir: str = MANIFEST_DIR    # a budget job's correction pass commits its rows elsewhere
     verify: bool = False                # read each stored file back and decode it before its row says ok
+    qmap: str | None = None             # spatial codecs: a map generator name or a folder of PNG maps
 
 
 class TimedCodec:
@@ -63,8 +66,8 @@ class TimedCodec:
         finally:
             self.ms[method] += (time.perf_counter() - t0) * 1000.0
 
-    def prepare(self, image: np.ndarray) -> Any:
-        return self._timed("prepare", image)
+    def prepare(self, image: np.ndarray, *qmap: np.ndarray | None) -> Any:
+        return self._timed("prepare", image, *qmap)
 
     def estimate(self, prepared: Any, value: float) -> float | None:
         return self._timed("estimate", prepared, value)
@@ -91,6 +94,10 @@ class Compressor:
     def __init__(self, config: CompressConfig):
         self.config = config
         self.codec = get_codec(config.codec, **config.codec_options)
+        self.spatial = bool(getattr(self.codec, "spatial", False))
+        if config.qmap and not self.spatial:
+            raise CodecError(f"--qmap {config.qmap}: codec {config.codec} has no spatial rate control "
+                             f"(quality maps need gain-hyperprior-roi)")
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
 
     def output_relpath(self, item: Item) -> str:
@@ -121,7 +128,9 @@ class Compressor:
             h, w = image.height, image.width
             row.update(width=w, height=h, original_mode=image.original_mode)
 
-            with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, out_path, row, stages),
+            stages.append("qmap")
+            qmap = self.quality_map(item, image, row)
+            with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, out_path, row, stages, qmap),
                                max(image.width, image.height), item.uri)
         except StorageUnavailable:
             raise   # an outage is not this item's fault: the shard stops, the job reports it, a re-run resumes
@@ -133,15 +142,34 @@ class Compressor:
             row.update(status="error", error=redact(f"{stages[-1]}: {type(e).__name__}: {e}"))
         return row
 
+    def quality_map(self, item: Item, image: DecodedImage, row: dict[str, Any]) -> np.ndarray | None:
+        """The item's quality map: its listing's PNG, else the job's generator or PNG folder; None without."""
+        source = item.qmap_uri or self.config.qmap
+        if source is None:
+            return None
+        if not self.spatial:
+            raise ItemError("qmap", f"codec {self.codec.name} has no spatial rate control: the listing's "
+                                    f"qmap_uri needs gain-hyperprior-roi")
+        if item.qmap_uri is None and source in qmaps.GENERATORS:
+            row["qmap"] = source
+            try:
+                return qmaps.generate(source, image.pixels)
+            except qmaps.QmapError as e:
+                raise ItemError("qmap", str(e)) from None
+        if item.qmap_uri is None:   # a folder of PNGs mirroring the input: a/b.jpg -> FOLDER/a/b.png
+            source = source.rstrip("/") + "/" + posixpath.splitext(item.relpath)[0] + ".png"
+        row["qmap"] = redact(source)
+        return read_quality_map(source, self.config.storage_options, image.height, image.width)
+
     def _encode_write_measure(self, image: DecodedImage, target: Target, out_path: str, row: dict[str, Any],
-                              stages: list[str]) -> None:
+                              stages: list[str], qmap: np.ndarray | None = None) -> None:
         """Everything after reading, as one unit an out-of-memory retry can run again."""
         codec = self.codec
         h, w = image.height, image.width
         stages.append("encode")
         t0 = time.perf_counter()
         timed = TimedCodec(codec)
-        prepared = timed.prepare(image.pixels)
+        prepared = timed.prepare(image.pixels, qmap) if self.spatial else timed.prepare(image.pixels)
         overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
         outcome = search(timed, prepared, image.pixels, target, overhead)
         blob = container.pack(codec.name, outcome.payload, value=outcome.value, width=w, height=h,
@@ -169,8 +197,10 @@ class Compressor:
             bpp=len(blob) * 8.0 / (w * h), rate_param=outcome.value, encodes=outcome.encodes,
             psnr=p if math.isfinite(p) else float("inf"),
             ms_ssim=ms_ssim(image.pixels, restored) if self.config.ms_ssim else None,
-            metrics_ms=(time.perf_counter() - t2) * 1000.0,
         )
+        if qmap is not None:
+            row["psnr_roi"], row["psnr_outside"] = qmaps.region_psnr(image.pixels, restored, qmaps.roi_mask(qmap))
+        row["metrics_ms"] = (time.perf_counter() - t2) * 1000.0
 
     def verify(self, out_path: str, blob: bytes, prepared: Any, value: float) -> np.ndarray:
         """Read the stored file back, decode it as a decompress job would, and compare.

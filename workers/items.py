@@ -13,6 +13,7 @@ class Item:
     relpath: str                  # path under OUTPUT that the result mirrors
     target: Target | None = None  # per-item target from a listing; None = the job's default
     error: str | None = None      # a planning problem (e.g. a path escaping OUTPUT): becomes an error row
+    qmap_uri: str | None = None   # a listing's quality map for this item (spatial codecs)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("original_mode", pa.string()),
     ("shard", pa.int32()),
     ("verified", pa.bool_()),          # --verify: true once the stored file decoded as encoded; else null
+    # Spatial codecs: the quality map used (generator name or PNG URL) and the PSNR where the
+    # map asks for quality (q >= 0.5) and elsewhere; null without a map.
+    ("qmap", pa.string()),
+    ("psnr_roi", pa.float64()),
+    ("psnr_outside", pa.float64()),
     # Where an item's time went (ms; ratefit bench sums them): fetch + decode of the input,
     # the rate-independent analysis (prepare), cheap rate estimates during the search, real
     # encodes (entropy coding included), the write, and verify + metrics.

@@ -119,6 +119,25 @@ def read_bytes(fs, path: str) -> bytes:
         raise ItemError("read", f"{type(e).__name__}: {e}") from None
 
 
+def read_quality_map(url: str, storage_options: dict | None, height: int, width: int):
+    """A PNG quality map for an image of ``height`` x ``width`` (float32 in [0, 1])."""
+    from ratefit.codecs.qmap import QmapError, load_png
+
+    try:
+        fs, path = open_fs(url, storage_options)
+        data = fetch(fs, path)
+    except StorageUnavailable:
+        raise
+    except FileNotFoundError:
+        raise ItemError("qmap", f"quality map not found: {url}") from None
+    except Exception as e:
+        raise ItemError("qmap", f"{url}: {type(e).__name__}: {e}") from None
+    try:
+        return load_png(data, height, width, url)
+    except QmapError as e:
+        raise ItemError("qmap", str(e)) from None
+
+
 def read_image(item, storage_options: dict | None, max_pixels: int) -> tuple[DecodedImage, int]:
     """Fetch and decode one planned item: (image, input bytes). Raises ItemError naming the stage."""
     if item.error:
