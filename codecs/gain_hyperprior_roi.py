@@ -96,8 +96,8 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
             x_hat = self.model.reconstruct(prepared.y, value, self.tile, field)
         return _to_pixels(x_hat, prepared.width, prepared.height)
 
-    @torch.inference_mode()
-    def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
+    def coded_map(self, payload: bytes, width: int, height: int) -> tuple[np.ndarray, float, int]:
+        """The quality map a payload carries (grid cells, 0..15), its span and the bytes both took."""
         if len(payload) < _SPAN.size:
             raise CodecError(f"{NAME} payload of {len(payload)} bytes is too short")
         (span,) = _SPAN.unpack_from(payload)
@@ -108,8 +108,13 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
             grid, used = qmaps.unpack_grid(payload[_SPAN.size:], rows, cols)
         except qmaps.QmapError as e:
             raise CodecError(f"{NAME} payload: {e}") from None
+        return grid, span, _SPAN.size + used
+
+    @torch.inference_mode()
+    def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
+        grid, span, used = self.coded_map(payload, width, height)
         field = self.level_map(grid, value, span)
-        return self._decode_streams(payload[_SPAN.size + used:], width, height, value, field)
+        return self._decode_streams(payload[used:], width, height, value, field)
 
 
 register(NAME, GainHyperpriorRoiCodec)

@@ -16,7 +16,7 @@ import struct
 import zlib
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 GENERATORS = ("uniform", "center", "saliency", "faces", "text")
 ROI_THRESHOLD = 0.5    # pixels with q >= this are "inside" the high-quality region
@@ -66,7 +66,7 @@ def saliency_map(pixels: np.ndarray, size: int = 64) -> np.ndarray:
 
     The log amplitude spectrum minus its local average keeps what is unexpected in the
     image; back in the pixel domain (with the original phase), squared and blurred, it
-    marks the regions that stand out. Normalised so the most salient tenth is at 1.
+    marks the regions that stand out. Scaled to [0, 1] between its least and most salient.
     """
     h, w = pixels.shape[:2]
     thumb = Image.fromarray(pixels).convert("L")
@@ -75,12 +75,12 @@ def saliency_map(pixels: np.ndarray, size: int = 64) -> np.ndarray:
     g = np.asarray(thumb.resize((tw, th), Image.Resampling.BILINEAR), np.float64)
     spectrum = np.fft.fft2(g)
     log_amp = np.log(np.abs(spectrum) + 1e-9)
-    avg = np.asarray(Image.fromarray(log_amp.astype(np.float32)).filter(ImageFilter.BoxBlur(1)), np.float64)
+    avg = _blur(log_amp, np.ones(3) / 3)
     residual = np.exp(log_amp - avg + 1j * np.angle(spectrum))
     sal = np.abs(np.fft.ifft2(residual)) ** 2
-    sal = np.asarray(Image.fromarray(sal.astype(np.float32)).filter(ImageFilter.GaussianBlur(2.5)), np.float32)
-    top = float(np.quantile(sal, 0.9))
-    sal = np.clip(sal / top, 0, 1) if top > 0 else np.ones_like(sal)
+    sal = _blur(sal, _gaussian(2.5)).astype(np.float32)
+    low, high = float(sal.min()), float(sal.max())
+    sal = (sal - low) / (high - low) if high > low else np.ones_like(sal)
     return _resize(sal, h, w)
 
 
@@ -105,8 +105,23 @@ def faces_map(pixels: np.ndarray) -> np.ndarray:
         gx, gy = fw // 4, fh // 4
         q[max(0, y - gy):y + fh + gy, max(0, x - gx):x + fw + gx] = 1.0
     if q.any():
-        q = np.asarray(Image.fromarray(q).filter(ImageFilter.GaussianBlur(max(2, min(h, w) // 100))), np.float32)
+        sigma = max(2.0, min(h, w) / 100)
+        q = cv2.GaussianBlur(q, (0, 0), sigma)
     return np.clip(q, 0, 1)
+
+
+def _gaussian(sigma: float) -> np.ndarray:
+    x = np.arange(-int(3 * sigma), int(3 * sigma) + 1)
+    k = np.exp(-x ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def _blur(a: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Separable filtering with edge reflection (Pillow's filters take no float images)."""
+    r = len(kernel) // 2
+    a = np.pad(a.astype(np.float64), r, mode="reflect")
+    a = np.apply_along_axis(np.convolve, 0, a, kernel, mode="valid")
+    return np.apply_along_axis(np.convolve, 1, a, kernel, mode="valid")
 
 
 def _resize(q: np.ndarray, height: int, width: int) -> np.ndarray:

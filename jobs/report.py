@@ -86,6 +86,43 @@ def _figures(rows: dict[str, list], allocation: dict[str, list] | None) -> list[
     return out
 
 
+def _qmap_example(fs, rows: dict[str, list], summary: dict[str, Any],
+                  storage_options: dict[str, Any] | None) -> tuple[str, str] | None:
+    """The first ok item coded with a quality map: its decoded picture beside the map it carries.
+
+    The map comes out of the bitstream (what the decoder used), so the page needs no access
+    to the inputs. Returns (title, image) or None when the job used no map.
+    """
+    picks = [i for i, s in enumerate(rows["status"]) if s == "ok" and rows.get("qmap", [None] * (i + 1))[i]]
+    if not picks:
+        return None
+    i = min(picks, key=lambda k: rows["input_uri"][k])
+    import matplotlib.pyplot as plt
+
+    from ratefit.codecs.registry import get_codec
+    from ratefit.jobs.spec import weights_options
+    from ratefit.workers.decompress import check_container, decode_payload
+
+    blob = fs.cat_file(rows["output_uri"][i])
+    header, payload = check_container(blob, max_pixels=1 << 62)
+    codec = get_codec(header.codec, **weights_options({}, summary["spec"].get("weights"), storage_options or {}))
+    pixels = decode_payload(codec, header, payload)
+    grid, span, _ = codec.coded_map(payload, header.width, header.height)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].imshow(pixels)
+    inside, outside = (rows[k][i] for k in ("psnr_roi", "psnr_outside"))
+    axes[0].set_title(f"decoded, {rows['bpp'][i]:.3f} bpp: {inside:.2f} dB inside the map's region"
+                      + (f", {outside:.2f} dB outside" if outside is not None else ""), fontsize=9)
+    cells = np.kron(grid / 15.0, np.ones((32, 32)))[:header.height, :header.width]
+    axes[1].imshow(cells, cmap="gray", vmin=0, vmax=1)
+    axes[1].set_title(f"quality map as coded ({rows['qmap'][i]}; white = best, span {span:g} levels)", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    src = _png(fig)
+    plt.close(fig)
+    return f"Example with its quality map: {redact(str(rows['input_uri'][i]))}", src
+
+
 def build_report(output: str, storage_options: dict[str, Any] | None = None) -> str:
     """The report's HTML for the job in ``output``."""
     fs, root = open_fs(output, storage_options)
@@ -101,6 +138,13 @@ def build_report(output: str, storage_options: dict[str, Any] | None = None) -> 
 
         allocation = pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{ALLOCATION}"))).to_pydict()
     figures = _figures(rows, allocation)
+    try:
+        example = _qmap_example(fs, rows, summary, storage_options)
+    except Exception as e:   # a page without the example beats no page
+        example = None
+        figures.append((f"Example with its quality map: unavailable ({type(e).__name__}: {e})", ""))
+    if example:
+        figures.append(example)
     facts = [("items", summary["items"]), ("statuses", summary["statuses"]),
              ("mean bpp", summary.get("mean_bpp")), ("mean PSNR (dB)", summary.get("mean_psnr")),
              ("input bytes", summary["input_bytes"]), ("output bytes", summary["output_bytes"]),
@@ -108,7 +152,7 @@ def build_report(output: str, storage_options: dict[str, Any] | None = None) -> 
     for key, value in (summary.get("budget") or {}).items():
         facts.append((f"budget: {key}", value))
     rows_html = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in facts)
-    figs_html = "".join(f"<h2>{html.escape(title)}</h2><img src='{src}' alt='{html.escape(title)}'>"
+    figs_html = "".join(f"<h2>{html.escape(title)}</h2>" + (f"<img src='{src}' alt='{html.escape(title)}'>" if src else "")
                         for title, src in figures)
     errors = [(rows["input_uri"][i], rows["error"][i]) for i, s in enumerate(rows["status"]) if s == "error"]
     err_html = ""
