@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-TARGETS = ("container", "gain-hyperprior", "jpeg", "webp", "avif")
+TARGETS = ("container", "gain-hyperprior", "gain-hyperprior-roi", "jpeg", "webp", "avif")
+_LEARNED = ("gain-hyperprior", "gain-hyperprior-roi")
 _SIZES = ((96, 64), (200, 150), (64, 257))
 
 
@@ -34,7 +35,7 @@ def _codec(name: str):
     """A target's codec, on the CPU (the fuzzer checks decoders, not devices)."""
     from ratefit.codecs.registry import get_codec
 
-    return get_codec(name, device="cpu") if name == "gain-hyperprior" else get_codec(name)
+    return get_codec(name, device="cpu") if name in _LEARNED else get_codec(name)
 
 
 def _seeds() -> dict[str, list[bytes]]:
@@ -42,17 +43,19 @@ def _seeds() -> dict[str, list[bytes]]:
     from PIL import Image
 
     from ratefit.codecs import container
+    from ratefit.codecs.qmap import center_map
     from ratefit.jobs.demo import SAMPLES
 
     photo = Image.open(SAMPLES / "chelsea.png").convert("RGB")
     seeds: dict[str, list[bytes]] = {}
     for name in TARGETS[1:]:
         codec = _codec(name)
-        values = (0.0, 4.0, 7.5) if name == "gain-hyperprior" else (5, 50, 95)
+        values = (0.0, 4.0, 7.5) if name in _LEARNED else (5, 50, 95)
         seeds[name] = []
         for (w, h), v in zip(_SIZES, values):
             img = np.asarray(photo.resize((w, h)))
-            payload = codec.encode(codec.prepare(img), v)
+            prepared = codec.prepare(img, center_map(h, w)) if getattr(codec, "spatial", False) else codec.prepare(img)
+            payload = codec.encode(prepared, v)
             seeds[name].append(container.pack(name, payload, value=v, width=w, height=h,
                                               weights_sha256=codec.weights_sha256))
     return seeds

@@ -107,6 +107,37 @@ def test_learned_decoder_on_mutated_payloads(payloads, flips, cut, extra):
     _decode_or_codec_error(codec, _mutate(good, flips, cut, extra))
 
 
+@pytest.fixture(scope="module")
+def roi_payload():
+    """The spatial codec's payload for a center map: span + zlib'd grid + the streams."""
+    from ratefit.codecs.qmap import center_map
+
+    codec = get_codec("gain-hyperprior-roi", device="cpu")
+    return codec, codec.encode(codec.prepare(_photo(), center_map(H, W)), 3.0)
+
+
+@CASES
+@given(**MUTATIONS)
+def test_spatial_decoder_on_mutated_payloads(roi_payload, flips, cut, extra):
+    codec, good = roi_payload
+    _decode_or_codec_error(codec, _mutate(good, flips, cut, extra))
+
+
+@CASES
+@given(cells=st.binary(max_size=64), fill=st.integers(0, 255), drow=st.integers(-1, 1), dcol=st.integers(-1, 1),
+       dlen=st.integers(-3, 3), span=st.floats(allow_nan=True, width=32), rest=st.binary(max_size=512))
+def test_spatial_decoder_on_forged_map_headers(roi_payload, cells, fill, drow, dcol, dlen, span, rest):
+    """Grids of the right shape or one off, any levels and lengths, any span, then junk streams."""
+    from ratefit.codecs.qmap import grid_shape
+
+    codec, _ = roi_payload
+    rows, cols = grid_shape(H, W, 64)
+    body = zlib.compress(cells.ljust(rows * cols, bytes([fill])) if drow == dcol == 0 else cells)
+    forged = (struct.pack("<fHHH", span, rows + drow, cols + dcol, max(0, len(body) + dlen)) + body
+              + struct.pack("<I", len(rest) // 2) + rest)
+    _decode_or_codec_error(codec, forged)
+
+
 def test_learned_decoder_on_adversarial_escape_runs(learned):
     """All-ones bytes make every symbol an escape with endless bypass counts: still bounded."""
     for zlen in (0, 4, 64):
