@@ -1,4 +1,4 @@
-"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, eval, report, demo."""
+"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, eval, report, runs, manifest, demo."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def _export_zoo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ratefit.jobs import bench, decompress, demo, evaluate, fuzz, recompress, report, train
+    from ratefit.jobs import bench, decompress, demo, evaluate, fuzz, history, recompress, report, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_eval_arguments(pe)
     pr = sub.add_parser("report", help="an HTML report (plots, summary, errors) of a finished compress job")
     report.add_report_arguments(pr)
+    pu = sub.add_parser("runs", help="the runs of a compress OUTPUT: planned, new, changed, unchanged, saved")
+    history.add_runs_arguments(pu)
+    pn = sub.add_parser("manifest", help="the current state of a compress OUTPUT: one row per input, print or export")
+    history.add_manifest_arguments(pn)
     pf = sub.add_parser("fuzz", help="fuzz the container parser and decoders for a while (crashes, hangs)")
     fuzz.add_fuzz_arguments(pf)
     px = sub.add_parser("export-zoo", help="write the gain-hyperprior model as CompressAI zoo checkpoints")
@@ -155,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return train.run(args)
     if args.command == "report":
         return run_guarded(lambda: report.run(args))
+    if args.command == "runs":
+        return run_guarded(lambda: history.runs(args))
+    if args.command == "manifest":
+        return run_guarded(lambda: history.manifest(args))
     if args.command == "fuzz":
         return fuzz.run(args)
     if args.command == "bench":

@@ -18,7 +18,7 @@ import fsspec
 
 from ratefit.codecs.rate import TARGET_KINDS, Target
 from ratefit.workers.items import Item, Shard
-from ratefit.workers.storage import is_local, open_fs, with_retries
+from ratefit.workers.storage import is_local, open_fs, version_from, with_retries
 
 LISTING_BATCH_ROWS = 8192
 S3_PAGE_KEYS = 1000   # keys per ListObjectsV2 page (S3's maximum)
@@ -30,16 +30,25 @@ class PlanError(ValueError):
 
 # ------------------------------------------------------------------------- folder walks
 
-def _walk_local(root: str, skip: str | None) -> Iterator[str]:
+Entry = tuple[str, "int | None", "str | None"]   # path, size, version (see storage.version_from)
+
+
+def _walk_local(root: str, skip: str | None) -> Iterator[Entry]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and os.path.join(dirpath, d) != skip)
         for name in sorted(filenames):
             if not name.startswith("."):
-                yield os.path.join(dirpath, name)
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except OSError:   # gone since the walk saw it: the read will say so
+                    yield path, None, None
+                    continue
+                yield path, st.st_size, version_from({"mtime_ns": st.st_mtime_ns})
 
 
-def _walk_s3(fs, root: str) -> Iterator[str]:
+def _walk_s3(fs, root: str) -> Iterator[Entry]:
     """Page through an S3 prefix without materialising the whole listing.
 
     Each ListObjectsV2 page hands back a continuation token for the next; a page request
@@ -57,14 +66,14 @@ def _walk_s3(fs, root: str) -> Iterator[str]:
         page = with_retries(lambda: fs.call_s3("list_objects_v2", **params), f"list s3://{bucket}/{prefix}")
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith("/"):
-                yield f"{bucket}/{obj['Key']}"
+                yield f"{bucket}/{obj['Key']}", obj.get("Size"), version_from(obj)
         token = page.get("NextContinuationToken")
         if not page.get("IsTruncated") or not token:
             return
 
 
-def walk_files(fs, root: str, skip: str | None = None) -> Iterator[str]:
-    """Every file under ``root`` in a deterministic order."""
+def walk_files(fs, root: str, skip: str | None = None) -> Iterator[Entry]:
+    """Every file under ``root`` in a deterministic order, with its size and version."""
     if is_local(fs):
         if not os.path.isdir(root):
             raise PlanError(f"input folder not found: {root}")
@@ -72,7 +81,9 @@ def walk_files(fs, root: str, skip: str | None = None) -> Iterator[str]:
     elif hasattr(fs, "call_s3") and "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         yield from _walk_s3(fs, root)
     else:
-        yield from sorted(fs.find(root))
+        found = fs.find(root, detail=True)
+        for path in sorted(found):
+            yield path, found[path].get("size"), version_from(found[path])
 
 
 def _relative(path: str, root: str) -> str:
@@ -86,10 +97,10 @@ def iter_folder(input_url: str, extensions: Iterable[str], storage_options: dict
     if skip_url is not None and is_local(fs):
         skip = os.path.abspath(open_fs(skip_url)[1])
     exts = tuple(e.lower() for e in extensions)
-    for path in walk_files(fs, root, skip):
+    for path, size, version in walk_files(fs, root, skip):
         if path.lower().endswith(exts):
             uri = path if is_local(fs) else fs.unstrip_protocol(path)
-            yield Item(uri=uri, relpath=_relative(path, root))
+            yield Item(uri=uri, relpath=_relative(path, root), size=size, version=version)
 
 
 # ------------------------------------------------------------------------ listing files

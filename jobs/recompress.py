@@ -5,22 +5,31 @@
     ratefit.jobs.recompress.run(JobSpec(...))                     # from Python
 
 All three build one JobSpec and call ``run``: plan → shards → actors → manifest → _SUCCESS.
+Every call is one incremental run (``jobs/incremental.py``): it plans only the inputs that
+are new or changed since the runs before it, so the same command, run nightly, keeps a
+growing archive compressed, and a killed run is finished by the next.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+import time
 from typing import Any, Iterator
 
 from ratefit.codecs.registry import preferred_device
+from ratefit.jobs.incremental import (RUNS_DIR, Delta, new_run_id, plan_changes, run_manifest_dir, seen_inputs,
+                                      state_totals, write_run_record)
 from ratefit.jobs.plan import iter_folder, iter_listing, shard
-from ratefit.jobs.runner import run_shards
+from ratefit.jobs.runner import JobError, RunState, finish, prepare_output, run_pass, write_success
 from ratefit.jobs.spec import JobSpec, SpecError, load_spec_file
 from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import COMPRESS_SCHEMA
+from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, empty_row, part_files, write_part
+from ratefit.workers.retire import retire_original, retired_dir
+from ratefit.workers.storage import open_fs, redact, with_retries
 
 
 def plan_items(spec: JobSpec) -> Iterator[Item]:
@@ -41,11 +50,69 @@ def run(spec: JobSpec) -> dict[str, Any]:
     # codec that cannot be built (bad options, missing weights) into one JobError, before
     # anything is written to OUTPUT. The driver never loads a model.
     device = preferred_device(spec.codec, **spec.codec_kwargs())
+    t_start = time.time()
+    run_id = new_run_id()
+    fs, root = open_fs(spec.output, spec.storage_options)
+    if spec.overwrite:
+        discard_runs(fs, root)
+    seen = {} if spec.overwrite else seen_inputs(fs, root)
+    delta = Delta()
+    backlog: list = [] if spec.retire_originals else None
+    listed: set[str] | None = set() if spec.retire_originals else None
+    manifest_dir = run_manifest_dir(run_id)
     config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                             target=spec.default_target(), storage_options=spec.storage_options,
-                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap)
-    return run_shards(spec, shard(plan_items(spec), spec.shard_size), config, COMPRESS_SCHEMA,
-                      codec_device=device)
+                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap,
+                            manifest_dir=manifest_dir, run_id=run_id, retire=spec.retire_originals,
+                            retire_to=spec.retire_to)
+    shards = shard(plan_changes(plan_items(spec), seen, spec, delta, backlog, listed), spec.shard_size)
+    first = next(shards, None)
+    if first is None:   # nothing new or changed: no workers to start, only the spec check
+        with_retries(lambda: prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
+        state = RunState()
+    else:
+        state = run_pass(spec, itertools.chain([first], shards), config, COMPRESS_SCHEMA, device,
+                         manifest_dir=manifest_dir)
+    summary = finish(spec, fs, root, state, time.time() - t_start, manifest_dir=manifest_dir, write=False)
+    if spec.retire_originals:
+        summary["retired_items"] += retire_backlog(spec, fs, root, run_id, backlog, seen, listed)
+    summary.update(run_id=run_id, **delta.to_dict(), wall_s=round(time.time() - t_start, 3),
+                   state=state_totals(fs, root))
+    write_run_record(fs, root, summary)
+    write_success(fs, root, summary)
+    return summary
+
+
+def discard_runs(fs, root: str) -> None:
+    """--overwrite: forget earlier runs, unless some retired originals (their bitstreams are
+    then the only copy, and the manifest is the only record of where they came from)."""
+    if part_files(fs, f"{root}/{RETIRED_DIR}"):
+        raise JobError(f"{root}/{RETIRED_DIR} records retired originals: --overwrite would discard the only "
+                       "record of them; use another OUTPUT")
+    for name in (RUNS_DIR, MANIFEST_DIR):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+
+
+def retire_backlog(spec: JobSpec, fs, root: str, run_id: str, backlog: list, seen: dict, listed: set[str]) -> int:
+    """Retire what earlier runs committed and verified but did not retire, and record, as
+    ``already-absent``, verified inputs gone from the input without a tombstone (a run killed
+    between a delete and its tombstone). Serial in the driver: in steady state it is empty."""
+    tombs = []
+    for item, before in backlog:
+        tomb = retire_original(item.uri, item.relpath, before.row(redact(item.uri)), run_id, spec.retire_to,
+                               spec.storage_options)
+        if tomb is not None:
+            tombs.append(tomb)
+    for uri, before in seen.items():
+        if uri not in listed and before.status == "ok" and before.verified and before.retired is None:
+            tomb = empty_row(RETIRED_SCHEMA)
+            tomb.update(before.row(uri), run_id=run_id, action="already-absent",
+                        retired_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            tombs.append({k: tomb[k] for k in RETIRED_SCHEMA.names})
+    if tombs:
+        write_part(fs, f"{root}/{retired_dir(run_id)}", 99999, tombs, RETIRED_SCHEMA)
+    return len(tombs)
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -107,11 +174,16 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip MS-SSIM in the manifest (PSNR is always measured)")
     p.add_argument("--verify", action="store_true", default=None,
                    help="read every stored bitstream back and decode it on the worker; a mismatch is an error row")
+    p.add_argument("--retire-originals", action="store_true", default=None,
+                   help="delete each original once its bitstream was read back, decoded and checked (--verify) and "
+                        "its row committed; a tombstone row under OUTPUT/_retired/ records it. Off by default")
+    p.add_argument("--retire-to", help="with --retire-originals: move originals under this folder URL instead of "
+                                       "deleting them (implies --retire-originals)")
     add_common_arguments(p)
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "extensions", "max_pixels", "ms_ssim", "verify", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress")
 
 
@@ -151,6 +223,12 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
     if s["resumed_shards"]:
         parts.append(f"{s['resumed_shards']} shard(s) resumed from an earlier run")
     print("; ".join(parts))
+    if "run_id" in s:
+        st = s["state"]
+        print(f"run {s['run_id']}: {s['new_items']} new, {s['changed_items']} changed, {s['retried_items']} retried, "
+              f"{s['unchanged_items']} unchanged (left out); {s['saved_bytes'] / 1e6:.2f} MB saved"
+              + (f", {s['retired_items']} original(s) retired" if s.get("retired_items") else "")
+              + f"; now {st['inputs']} inputs ({', '.join(f'{n} {k}' for k, n in sorted(st['statuses'].items()))})")
     print(f"manifest: {output.rstrip('/')}/_manifest/   summary: {output.rstrip('/')}/_SUCCESS")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ratefit.jobs.budget import ALLOCATION
 from ratefit.jobs.runner import SUCCESS, JobError
-from ratefit.workers.manifest import MANIFEST_DIR, read_parts
+from ratefit.workers.manifest import current_state
 from ratefit.workers.storage import atomic_write, open_fs, redact
 
 REPORT = "report.html"
@@ -131,7 +131,7 @@ def build_report(output: str, storage_options: dict[str, Any] | None = None) -> 
     summary = json.loads(fs.cat_file(f"{root}/{SUCCESS}"))
     if summary.get("kind") != "compress":
         raise JobError(f"{redact(output)} holds a {summary.get('kind')} job; reports cover compress jobs")
-    rows = read_parts(fs, f"{root}/{MANIFEST_DIR}").to_pydict()
+    rows = current_state(fs, root).to_pydict()   # one row per input, across runs
     allocation = None
     if summary.get("budget") and fs.exists(f"{root}/{ALLOCATION}"):
         import pyarrow.parquet as pq

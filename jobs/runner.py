@@ -72,7 +72,7 @@ class RunState:
     failed_shards: int = 0
 
 
-def _prepare_output(spec: JobSpec, fs, root: str) -> None:
+def prepare_output(spec: JobSpec, fs, root: str) -> None:
     record_path = f"{root}/{JOB_RECORD}"
     manifest = f"{root}/{MANIFEST_DIR}"
     fs.invalidate_cache(root)
@@ -155,7 +155,7 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
             ray.get(slots[0].actor.ready.remote())
         except RayActorError as e:
             raise JobError(f"the workers could not start: {_creation_error(e)}") from None
-        with_retries(lambda: _prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
+        with_retries(lambda: prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
         done = existing_parts(fs, manifest_root)
         in_flight: dict[Any, tuple[_Slot, Any, Shard, int]] = {}
 
@@ -275,7 +275,8 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
     }
     if spec.kind == "compress":
         summary.update(mean_bpp=mean("bpp"), mean_psnr=mean("psnr"), mean_ms_ssim=mean("ms_ssim"),
-                       lossless_items=totals["lossless"])
+                       lossless_items=totals["lossless"], saved_bytes=totals["saved_bytes"],
+                       retired_items=totals["retired"])
         if spec.verify:
             # Counted from the rows: shards committed by an earlier run without --verify do not count.
             summary.update(verified_items=verified_items, verify_failures=verify_failures)

@@ -70,6 +70,8 @@ class JobSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     ms_ssim: bool = True
     verify: bool = False               # decode each stored file back on the worker (not hashed: outputs are the same)
+    retire_originals: bool = False     # delete each original once its verified row is committed (implies verify)
+    retire_to: str | None = None       # ... or move it under this prefix (implies retire_originals)
     storage_retry_s: float = 120.0     # how long storage operations ride out an outage before the job stops
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -146,6 +148,15 @@ class JobSpec:
             raise SpecError("weights given twice (--weights and codec_options.weights) with different values")
         if self.qmap is not None:
             self._validate_qmap(budgets)
+        if self.retire_to is not None:
+            if not isinstance(self.retire_to, str) or not self.retire_to.strip():
+                raise SpecError(f"retire_to: give a folder URL, got {self.retire_to!r}")
+            self.retire_originals = True
+        if self.retire_originals:
+            if self.kind != "compress" or budgets:
+                raise SpecError("retire_originals: only plain compress jobs retire originals (not budget or "
+                                "decompress jobs)")
+            self.verify = True   # an original goes only once its bitstream decoded back as encoded
         if self.kind == "compress":
             from ratefit.codecs.registry import list_codecs
             if self.codec not in list_codecs():

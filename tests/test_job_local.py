@@ -83,39 +83,51 @@ def test_compress_folder_writes_bitstreams_manifest_and_success(messy_dir, tmp_p
     assert success["spec"]["codec"] == "webp"
 
 
-def test_rerun_resumes_without_duplicates_and_overwrite_starts_over(photo_dir, tmp_path):
+def test_rerun_does_only_what_is_missing_and_overwrite_starts_over(photo_dir, tmp_path):
     out = tmp_path / "out"
     spec = JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=20000, shard_size=1)
     first = recompress.run(spec)
-    parts_before = {p.name: p.stat().st_mtime_ns for p in (out / "_manifest").iterdir()}
+    parts_before = {p.relative_to(out): p.stat().st_mtime_ns for p in (out / "_manifest").rglob("*.parquet")}
 
-    second = recompress.run(spec)
-    assert second["resumed_shards"] == first["shards"] == 3
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "_manifest").iterdir()} == parts_before
+    second = recompress.run(spec)   # nothing new: no worker starts, no part is written
+    assert second["items"] == 0 and second["unchanged_items"] == first["items"] == 3
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in (out / "_manifest").rglob("*.parquet")} == parts_before
     uris = manifest(out).column("input_uri").to_pylist()
     assert len(uris) == len(set(uris)) == 3
 
     # A lost part (as after a crash) is redone, and only that one.
-    (out / "_manifest" / "part-00001.parquet").unlink()
+    (out / "_manifest" / f"run={first['run_id']}" / "part-00001.parquet").unlink()
     third = recompress.run(spec)
-    assert third["resumed_shards"] == 2
-    assert len(manifest(out)) == 3
+    assert third["items"] == 1 and third["new_items"] == 1 and third["unchanged_items"] == 2
+    assert len(manifest(out)) == 3 and third["state"]["inputs"] == 3
 
     with pytest.raises(JobError, match="different compress job"):
         recompress.run(JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=10000, shard_size=1))
     redo = recompress.run(JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=10000,
                                   shard_size=1, overwrite=True))
-    assert redo["resumed_shards"] == 0
-    assert max(manifest(out).column("output_bytes").to_pylist()) <= 10000
+    assert redo["items"] == 3 and redo["unchanged_items"] == 0
+    assert len(manifest(out)) == 3 and max(manifest(out).column("output_bytes").to_pylist()) <= 10000
 
 
-def test_changed_input_is_detected_on_resume(photo_dir, tmp_path):
+def test_new_and_changed_inputs_are_the_only_ones_encoded_again(photo_dir, tmp_path):
     out = tmp_path / "out"
     spec = JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bpp=1.0, shard_size=2)
-    recompress.run(spec)
-    shutil.copy(photo_dir / "chelsea.png", photo_dir / "a-new-first-file.png")
-    with pytest.raises(JobError, match="input changed"):
-        recompress.run(spec)
+    first = recompress.run(spec)
+    shutil.copy(photo_dir / "chelsea.png", photo_dir / "a-new-first-file.png")   # shifts every later shard
+    changed = photo_dir / "sub dir" / "rocket launch.jpg"
+    changed.write_bytes(changed.read_bytes() + b"\0")                         # another size and mtime
+    second = recompress.run(spec)
+    assert (second["items"], second["new_items"], second["changed_items"], second["unchanged_items"]) == (2, 1, 1, 2)
+    rows = manifest(out).to_pylist()
+    assert len(rows) == 5   # three from the first run, two from the second
+    from ratefit.workers.manifest import current_state
+    from ratefit.workers.storage import open_fs
+
+    state = {Path(r["input_uri"]).name: r for r in current_state(*open_fs(str(out))).to_pylist()}
+    assert len(state) == 4
+    assert state["rocket launch.jpg"]["run_id"] == second["run_id"] != first["run_id"]
+    assert state["rocket launch.jpg"]["input_bytes"] == changed.stat().st_size
+    assert state["chelsea.png"]["run_id"] == first["run_id"]
 
 
 def test_decompress_restores_pngs_whose_psnr_matches_the_manifest(photo_dir, tmp_path):
@@ -210,7 +222,7 @@ def test_a_killed_worker_process_is_replaced_and_its_shard_retried(samples_dir, 
     killed = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and killed is None and job.is_alive():
-        if (out / "_manifest").exists() and list((out / "_manifest").glob("part-*.parquet")):
+        if (out / "_manifest").exists() and list((out / "_manifest").rglob("part-*.parquet")):
             pids = subprocess.run(["pgrep", "-f", "ray::ShardWorker"], capture_output=True, text=True).stdout.split()
             if pids:
                 killed = int(pids[0])
@@ -243,26 +255,31 @@ def test_verify_flag_reads_every_file_back_and_counts_it(messy_dir, tmp_path, ca
     # Verification does not change what a job is: the same OUTPUT resumes without it.
     again = recompress.run(JobSpec(input=str(messy_dir), output=str(out), codec="jpeg", target_bpp=0.8,
                                    shard_size=3))
-    assert again["resumed_shards"] == again["shards"] and "verify_failures" not in again
+    errors = sum(1 for r in rows if r["status"] == "error")
+    assert again["unchanged_items"] == written and again["retried_items"] == errors   # errors are tried again
+    assert "verify_failures" not in again
 
 
 def test_finish_reads_back_only_parts_it_did_not_see_written(photo_dir, tmp_path, monkeypatch):
-    """The summary comes from the workers' per-part stats; a resumed run reads back exactly the
-    parts committed before it, and both ways give the same summary."""
+    """The summary comes from the workers' per-part stats; a resumed job (shard-resumed, as
+    decompress and budget jobs are) reads back exactly the parts committed before it, and both
+    ways give the same summary. Compress runs never read parts back: each run's are new."""
     from ratefit.jobs import runner
 
     reads: list[str] = []
     real_fetch = runner.fetch
     monkeypatch.setattr(runner, "fetch", lambda fs, path: reads.append(path) or real_fetch(fs, path))
-    out = tmp_path / "out"
-    spec = JobSpec(input=str(photo_dir), output=str(out), codec="webp", target_bpp=0.6, shard_size=1)
-    first = recompress.run(spec)
-    assert first["statuses"] == {"ok": 3} and not [p for p in reads if "_manifest/part-" in p]
+    comp, out = tmp_path / "comp", tmp_path / "out"
+    compressed = recompress.run(JobSpec(input=str(photo_dir), output=str(comp), codec="webp", target_bpp=0.6))
+    assert compressed["statuses"] == {"ok": 3} and not [p for p in reads if "part-" in p]
+    spec = JobSpec(input=str(comp), output=str(out), kind="decompress", shard_size=1)
+    first = decompress.run(spec)
+    assert first["statuses"] == {"ok": 3} and not [p for p in reads if "part-" in p]
     (out / "_manifest" / "part-00001.parquet").unlink()
     reads.clear()
-    second = recompress.run(spec)
+    second = decompress.run(spec)
     assert sorted(p.rsplit("/", 1)[-1] for p in reads if "_manifest/part-" in p) == \
         ["part-00000.parquet", "part-00002.parquet"]
-    assert second["statuses"] == first["statuses"]
-    keys = ("items", "input_bytes", "output_bytes", "mean_bpp", "mean_psnr", "mean_ms_ssim", "lossless_items")
-    assert {k: second[k] for k in keys} == pytest.approx({k: first[k] for k in keys})
+    assert second["statuses"] == first["statuses"] and second["resumed_shards"] == 2
+    keys = ("items", "input_bytes", "output_bytes")
+    assert {k: second[k] for k in keys} == {k: first[k] for k in keys}

@@ -45,7 +45,7 @@ def test_kodak_s3_round_trip_meets_targets(kodak_on_s3, s3_server, codec):
                                          shard_size=3, ms_ssim=False, storage_options=opts))
         assert summary["statuses"] == {"ok": 24}, summary
         rows = []
-        for path in sorted(fs.glob(f"{bucket}/{codec}-{target}/_manifest/*.parquet")):
+        for path in sorted(fs.glob(f"{bucket}/{codec}-{target}/_manifest/**/*.parquet")):
             rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
         assert sorted(r["input_uri"] for r in rows) == sorted(originals)
         bpps = [r["bpp"] for r in rows]

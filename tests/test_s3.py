@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 def read_manifest(fs, prefix: str) -> list[dict]:
     rows: list[dict] = []
-    for path in sorted(fs.glob(f"{prefix}/_manifest/*.parquet")):
+    for path in sorted(fs.glob(f"{prefix}/_manifest/**/*.parquet")):
         rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
     return rows
 
@@ -88,7 +88,7 @@ def test_listing_on_s3_reads_inputs_from_s3(s3_server, s3fs_client, bucket, samp
     assert (out / "in" / "chelsea.png.jpg.rfic").exists() and (out / "in" / "coffee.png.jpg.rfic").exists()
 
 
-def test_resume_on_s3_sees_parts_written_by_workers(s3_server, s3fs_client, bucket, samples_dir):
+def test_rerun_on_s3_sees_parts_written_by_workers(s3_server, s3fs_client, bucket, samples_dir):
     """Re-runs in one driver process: the driver's S3 listing cache must not hide new parts."""
     fs = s3fs_client
     for name in ("chelsea.png", "coffee.png", "rocket.jpg"):
@@ -96,12 +96,12 @@ def test_resume_on_s3_sees_parts_written_by_workers(s3_server, s3fs_client, buck
     spec = JobSpec(input=f"s3://{bucket}/in", output=f"s3://{bucket}/out", codec="jpeg", target_bpp=0.7,
                    shard_size=1, ms_ssim=False, storage_options=s3_server.storage_options)
     first = recompress.run(spec)
-    assert first["statuses"] == {"ok": 3} and first["resumed_shards"] == 0
-    fs.rm(f"{bucket}/out/_manifest/part-00002.parquet")
+    assert first["statuses"] == {"ok": 3} and first["new_items"] == 3
+    fs.rm(f"{bucket}/out/_manifest/run={first['run_id']}/part-00002.parquet")   # a part lost, as in a crash
     second = recompress.run(spec)
-    assert second["resumed_shards"] == 2 and second["statuses"] == {"ok": 3}
+    assert second["items"] == 1 and second["unchanged_items"] == 2 and second["state"]["statuses"] == {"ok": 3}
     third = recompress.run(spec)
-    assert third["resumed_shards"] == 3
+    assert third["items"] == 0 and third["unchanged_items"] == 3
     assert len(read_manifest(fs, f"{bucket}/out")) == 3
 
 
@@ -132,5 +132,6 @@ def test_s3_walk_pages_in_key_order_and_resumes_after_a_failed_page(s3_server, s
     monkeypatch.setattr(jfs, "call_s3", flaky_call)
     listed = list(plan.walk_files(jfs, root))
     assert listed == clean
-    assert sorted(listed) == [f"{bucket}/{k}" for k in keys]
+    assert sorted(p for p, _, _ in listed) == [f"{bucket}/{k}" for k in keys]
+    assert all(size == 1 and version.startswith("etag:") for _, size, version in listed)
     assert len(calls) >= 2 * (len(keys) // 3)

@@ -15,6 +15,7 @@ from ratefit.workers.decompress import DecompressConfig, Decompressor
 from ratefit.workers.items import Shard
 from ratefit.workers.manifest import MANIFEST_DIR, part_stats, write_part
 from ratefit.workers.probe import ProbeConfig, Prober
+from ratefit.workers.retire import retire_shard
 from ratefit.workers.storage import set_retry_window
 
 
@@ -34,6 +35,11 @@ class ShardWorker:
         rows = [self.processor(item, shard.index, attempt) for item in shard.items]
         write_part(self.processor.out_fs, self.manifest_root, shard.index, rows, self.processor.schema)
         stats = part_stats(rows)
+        config = self.processor.config
+        if getattr(config, "retire", False):   # only now: every row of the shard is committed
+            stats["retired"] = retire_shard(shard.items, rows, config.run_id, config.retire_to,
+                                            config.storage_options, self.processor.out_fs,
+                                            self.processor.out_root, shard.index)
         return {"shard": shard.index, "items": len(rows), "statuses": stats["statuses"],
                 "input_bytes": stats["input_bytes"], "output_bytes": stats["output_bytes"], "stats": stats}
 

@@ -27,7 +27,8 @@ from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
 from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image, read_quality_map
-from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join
+from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join,
+                                     source_stat)
 
 
 @dataclass
@@ -42,6 +43,9 @@ class CompressConfig:
     manifest_dir: str = MANIFEST_DIR    # a budget job's correction pass commits its rows elsewhere
     verify: bool = False                # read each stored file back and decode it before its row says ok
     qmap: str | None = None             # spatial codecs: a map generator name or a folder of PNG maps
+    run_id: str | None = None           # incremental runs: written into every row
+    retire: bool = False                # --retire-originals: the actor retires verified originals after commit
+    retire_to: str | None = None        # ... moving them under this prefix instead of deleting them
 
 
 class TimedCodec:
@@ -123,6 +127,10 @@ class Compressor:
                                         "or a target_* column in the listing")
             stages.append("read")
             t0 = time.perf_counter()
+            row["run_id"] = self.config.run_id
+            row["source_version"], row["input_bytes"] = item.version, item.size   # as planned, until read
+            if item.version is None and self.config.run_id:   # a listing's input: ask before reading,
+                row["source_version"] = self.source_version(item)   # so a later change is never missed
             image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
             row["read_ms"] = (time.perf_counter() - t0) * 1000.0
             h, w = image.height, image.width
@@ -141,6 +149,14 @@ class Compressor:
         except Exception as e:  # a codec or storage failure on this item only
             row.update(status="error", error=redact(f"{stages[-1]}: {type(e).__name__}: {e}"))
         return row
+
+    def source_version(self, item: Item) -> str | None:
+        try:
+            return source_stat(*open_fs(item.uri, self.config.storage_options))[1]
+        except StorageUnavailable:
+            raise
+        except Exception:   # missing or unreadable: the read that follows says so in the row
+            return None
 
     def quality_map(self, item: Item, image: DecodedImage, row: dict[str, Any]) -> np.ndarray | None:
         """The item's quality map: its listing's PNG, else the job's generator or PNG folder; None without."""

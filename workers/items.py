@@ -14,6 +14,8 @@ class Item:
     target: Target | None = None  # per-item target from a listing; None = the job's default
     error: str | None = None      # a planning problem (e.g. a path escaping OUTPUT): becomes an error row
     qmap_uri: str | None = None   # a listing's quality map for this item (spatial codecs)
+    size: int | None = None       # the input's size and version when planned (folder walks give
+    version: str | None = None    # them for free; incremental runs compare them with the manifest)
 
 
 @dataclass(frozen=True)

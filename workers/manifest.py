@@ -19,6 +19,8 @@ import pyarrow.parquet as pq
 from ratefit.workers.storage import atomic_write, fetch, with_retries
 
 MANIFEST_DIR = "_manifest"
+RETIRED_DIR = "_retired"   # tombstones: one part per shard whose originals a run retired
+RUN_PREFIX = "run="        # compress runs commit their parts under _manifest/run=<run id>/
 STATUSES = ("ok", "error", "unreachable", "skipped")
 
 # Columns both jobs share, in this order, so one query can read either manifest.
@@ -52,6 +54,11 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("qmap", pa.string()),
     ("psnr_roi", pa.float64()),
     ("psnr_outside", pa.float64()),
+    # Incremental runs: the run that wrote the row, and the input's version when it was read
+    # ("etag:<ETag>" on S3, "mtime:<ns>" on local disks): with input_bytes, what tells a later
+    # run whether the input changed.
+    ("run_id", pa.string()),
+    ("source_version", pa.string()),
     # Where an item's time went (ms; ratefit bench sums them): fetch + decode of the input,
     # the rate-independent analysis (prepare), cheap rate estimates during the search, real
     # encodes (entropy coding included), the write, and verify + metrics.
@@ -84,6 +91,20 @@ DECOMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("decode_ms", pa.float64()),
     ("attempt", pa.int32()),
     ("shard", pa.int32()),
+])
+
+
+# One row per original a run retired (deleted, or moved to --retire-to), written only after the
+# original's bitstream was decoded back and checked and the row saying so was committed.
+RETIRED_SCHEMA = pa.schema([
+    ("input_uri", pa.string()),
+    ("output_uri", pa.string()),
+    ("run_id", pa.string()),
+    ("source_version", pa.string()),
+    ("input_bytes", pa.int64()),
+    ("action", pa.string()),          # "deleted" | "moved" | "already-absent" (a crash between delete and tombstone)
+    ("moved_to", pa.string()),
+    ("retired_at", pa.string()),      # UTC, ISO 8601
 ])
 
 
@@ -135,6 +156,70 @@ def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
+def part_files(fs, folder: str) -> list[str]:
+    """Every ``part-*.parquet`` under ``folder``, one level of ``run=<id>/`` folders included.
+
+    Sorted so that flat parts (jobs before incremental runs, budget jobs) come first, then
+    runs in the order of their ids, which sort by start time.
+    """
+    fs.invalidate_cache(folder)
+    try:
+        listed = with_retries(lambda: fs.ls(folder, detail=True), f"list {folder}")
+    except FileNotFoundError:
+        return []
+    files, runs = [], []
+    for entry in listed:
+        name = entry["name"].rstrip("/")
+        base = name.rsplit("/", 1)[-1]
+        if entry.get("type") == "directory" and base.startswith(RUN_PREFIX):
+            runs.append(name)
+        elif base.startswith("part-") and base.endswith(".parquet"):
+            files.append(name)
+    files.sort()
+    for run in sorted(runs):
+        fs.invalidate_cache(run)   # s3fs drops a folder's cached listing, not its children's
+        files.extend(sorted(n for n in with_retries(lambda: fs.ls(run, detail=False), f"list {run}")
+                            if n.rstrip("/").rsplit("/", 1)[-1].startswith("part-")))
+    return files
+
+
+def read_all_parts(fs, folder: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Every part under ``folder`` (runs included) as one table of ``schema``; older parts lacking
+    a column get nulls, so manifests written by earlier versions still read."""
+    names = columns or schema.names
+    tables = []
+    for path in part_files(fs, folder):
+        t = pq.read_table(io.BytesIO(fetch(fs, path)))
+        cols = [t.column(n).cast(schema.field(n).type) if n in t.column_names
+                else pa.nulls(len(t), schema.field(n).type) for n in names]
+        tables.append(pa.table(cols, names=names))
+    if not tables:
+        return pa.table({n: pa.array([], schema.field(n).type) for n in names})
+    return pa.concat_tables(tables)
+
+
+def latest_rows(table: pa.Table) -> pa.Table:
+    """One row per ``input_uri``: the last one in ``table``'s order (parts are read oldest first)."""
+    if len(table) == 0:
+        return table
+    uris = table.column("input_uri").to_pylist()
+    last = {u: i for i, u in enumerate(uris)}
+    return table.take(sorted(last.values()))
+
+
+def current_state(fs, root: str, columns: list[str] | None = None) -> pa.Table:
+    """The manifest as it stands: one row per input, its latest attempt, plus ``retired``
+    (the tombstone's action when a run retired that very version of the original, else null)."""
+    if columns is not None:
+        columns = list(dict.fromkeys(["input_uri", "source_version"] + columns))
+    state = latest_rows(read_all_parts(fs, f"{root}/{MANIFEST_DIR}", COMPRESS_SCHEMA, columns))
+    tomb = read_all_parts(fs, f"{root}/{RETIRED_DIR}", RETIRED_SCHEMA, ["input_uri", "source_version", "action"])
+    retired = {(u, v): a for u, v, a in zip(*(tomb.column(n).to_pylist() for n in ("input_uri", "source_version", "action")))}
+    actions = [retired.get((u, v)) for u, v in zip(state.column("input_uri").to_pylist(),
+                                                     state.column("source_version").to_pylist())]
+    return state.append_column("retired", pa.array(actions, pa.string()))
+
+
 def shard_fingerprint(uris: list[str]) -> str:
     """A shard's identity: its (redacted) input URIs in order."""
     return hashlib.sha256("\n".join(uris).encode("utf-8", "surrogatepass")).hexdigest()[:32]
@@ -159,6 +244,9 @@ def part_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "verified": sum(1 for v in column("verified") if v is True),
         "verify_failures": sum(1 for v in column("verified") if v is False),
         "lossless": sum(1 for v in column("psnr") if v is not None and math.isinf(v)),
+        # what ok rows saved: input bytes minus the stored file's
+        "saved_bytes": sum((r.get("input_bytes") or 0) - (r.get("output_bytes") or 0)
+                           for r in rows if r.get("status") == "ok"),
     }
     for name in ("bpp", "psnr", "ms_ssim"):
         finite = [v for v in column(name) if v is not None and math.isfinite(v)]

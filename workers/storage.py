@@ -111,6 +111,26 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def version_from(info: dict[str, Any]) -> str | None:
+    """An object's version as incremental runs compare it: its ETag, else its modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return "etag:" + str(etag).strip('"')
+    for key in ("mtime_ns", "LastModified", "last_modified", "mtime", "modified"):
+        if info.get(key) is not None:
+            return f"mtime:{info[key]}"
+    return None
+
+
+def source_stat(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int | None, str | None]:
+    """(size, version) of one input, the way the folder walk reports them (one HEAD on S3)."""
+    if is_local(fs):
+        st = os.stat(path)
+        return st.st_size, version_from({"mtime_ns": st.st_mtime_ns})
+    info = with_retries(lambda: fs.info(path), f"stat {path}")
+    return info.get("size"), version_from(info)
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing or the whole file.
 
