@@ -1,12 +1,15 @@
 """The shipped cluster configs parse and name the entrypoint and fields the job relies on.
 
-No PyPI package validates KubeRay CRDs offline, so the fields ratefit depends on are
-checked here directly."""
+The Kubernetes CronJob is validated against the Kubernetes schemas kubernetes-validate
+bundles (offline, strict: unknown fields fail). No PyPI package carries KubeRay's CRD
+schemas, so for RayJob and RayCronJob the fields ratefit depends on are checked directly."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
+import pytest
 import yaml
 
 import ratefit.cluster
@@ -46,3 +49,26 @@ def test_kubernetes_cronjob_and_launcher_config_parse():
     launcher = load("ray-cluster.yaml")
     assert launcher["head_node_type"] in launcher["available_node_types"]
     assert any("ratefit" in c for c in launcher["setup_commands"])
+
+
+def test_kubernetes_cronjob_validates_against_the_bundled_schemas():
+    import kubernetes_validate
+
+    cron = load("cronjob.yaml")
+    kubernetes_validate.validate(cron, "1.31", strict=True)
+    broken = copy.deepcopy(cron)
+    broken["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] = 3   # not a string
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.31", strict=True)
+    broken = copy.deepcopy(cron)
+    broken["spec"]["schedul"] = broken["spec"].pop("schedule")                        # a misspelt field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.31", strict=True)
+
+
+def test_nightly_spec_is_an_incremental_retiring_job():
+    spec = JobSpec.from_dict(load("nightly.example.yaml"))
+    assert spec.input.startswith("s3://") and spec.output.startswith("s3://")
+    assert spec.retire_originals and spec.verify and spec.retire_to.startswith("s3://")
+    cron = load("raycronjob.yaml")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"   # two runs at once would plan the same inputs

@@ -111,7 +111,8 @@ class Compressor:
         codec = self.codec
         row = empty_row(COMPRESS_SCHEMA)
         target = item.target or self.config.target
-        row.update(input_uri=redact(item.uri), codec=codec.name, attempt=attempt, shard=shard,
+        row.update(input_uri=redact(item.uri), codec=codec.name, attempt=attempt, shard=shard, run_id=self.config.run_id,
+                   source_version=item.version, input_bytes=item.size,   # as planned, until read
                    target_kind=target.kind if target else None, target_value=target.value if target else None)
         stages = ["plan"]   # the stage a failure happened in, for the row's message
         try:
@@ -127,10 +128,8 @@ class Compressor:
                                         "or a target_* column in the listing")
             stages.append("read")
             t0 = time.perf_counter()
-            row["run_id"] = self.config.run_id
-            row["source_version"], row["input_bytes"] = item.version, item.size   # as planned, until read
             if item.version is None and self.config.run_id:   # a listing's input: ask before reading,
-                row["source_version"] = self.source_version(item)   # so a later change is never missed
+                row["input_bytes"], row["source_version"] = self.source_stat(item)   # so no change is missed
             image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
             row["read_ms"] = (time.perf_counter() - t0) * 1000.0
             h, w = image.height, image.width
@@ -150,13 +149,13 @@ class Compressor:
             row.update(status="error", error=redact(f"{stages[-1]}: {type(e).__name__}: {e}"))
         return row
 
-    def source_version(self, item: Item) -> str | None:
+    def source_stat(self, item: Item) -> tuple[int | None, str | None]:
         try:
-            return source_stat(*open_fs(item.uri, self.config.storage_options))[1]
+            return source_stat(*open_fs(item.uri, self.config.storage_options))
         except StorageUnavailable:
             raise
         except Exception:   # missing or unreadable: the read that follows says so in the row
-            return None
+            return None, None
 
     def quality_map(self, item: Item, image: DecodedImage, row: dict[str, Any]) -> np.ndarray | None:
         """The item's quality map: its listing's PNG, else the job's generator or PNG folder; None without."""
