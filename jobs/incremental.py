@@ -15,15 +15,21 @@ runs`` lists the runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
+from ratefit.jobs.plan import shard
+from ratefit.jobs.runner import JobError, RunState, finish, prepare_output, run_pass, write_success
 from ratefit.jobs.spec import JobSpec
+from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import MANIFEST_DIR, RUN_PREFIX, current_state
+from ratefit.workers.manifest import (COMPRESS_SCHEMA, MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX,
+                                      current_state, part_bytes, part_files, read_all_parts)
+from ratefit.workers.retire import retire_original, retired_dir, tombstone
 from ratefit.workers.storage import atomic_write, open_fs, redact, source_stat, with_retries
 
 RUNS_DIR = "_runs"
@@ -51,6 +57,7 @@ class Seen:
     output_uri: str | None = None
     verified: bool | None = None
     retired: str | None = None
+    output_bytes: int | None = None
 
     def row(self, uri: str) -> dict[str, Any]:
         """The fields ``workers.retire`` needs, as a manifest row has them."""
@@ -73,11 +80,11 @@ class Delta:
 
 def seen_inputs(fs, root: str) -> dict[str, Seen]:
     """The manifest's current state as a look-up by input URI (empty for a new OUTPUT)."""
-    cols = ["input_bytes", "codec", "target_kind", "target_value", "status", "output_uri", "verified"]
+    cols = ["input_bytes", "codec", "target_kind", "target_value", "status", "output_uri", "verified", "output_bytes"]
     t = current_state(fs, root, cols).to_pydict()
     return {uri: Seen(*fields) for uri, *fields in zip(
         t["input_uri"], t["input_bytes"], t["source_version"], t["codec"], t["target_kind"], t["target_value"],
-        t["status"], t["output_uri"], t["verified"], t["retired"])}
+        t["status"], t["output_uri"], t["verified"], t["retired"], t["output_bytes"])}
 
 
 def plan_changes(items: Iterable[Item], seen: dict[str, Seen], spec: JobSpec, delta: Delta,
@@ -122,17 +129,88 @@ def plan_changes(items: Iterable[Item], seen: dict[str, Seen], spec: JobSpec, de
         yield item
 
 
-def state_totals(fs, root: str) -> dict[str, Any]:
-    """Counts over the current state (one row per input), for the run's summary."""
-    t = current_state(fs, root, ["status", "input_bytes", "output_bytes"]).to_pydict()
+def state_totals(seen: dict[str, Seen], fs, root: str, run_id: str) -> dict[str, Any]:
+    """Counts over the current state (one row per input) after run ``run_id``: the state read
+    before the run, updated with the run's own rows and tombstones (no second full read)."""
+    latest = {uri: (s.status, s.size, s.output_bytes) for uri, s in seen.items()}
+    retired = {uri for uri, s in seen.items() if s.retired is not None}
+    rows = read_all_parts(fs, f"{root}/{run_manifest_dir(run_id)}", COMPRESS_SCHEMA,
+                          ["input_uri", "status", "input_bytes", "output_bytes"]).to_pydict()
+    for uri, status, size, out in zip(rows["input_uri"], rows["status"], rows["input_bytes"], rows["output_bytes"]):
+        latest[uri] = (status, size, out)
+        retired.discard(uri)   # a new version: the old one's tombstone does not cover it
+    retired.update(read_all_parts(fs, f"{root}/{retired_dir(run_id)}", RETIRED_SCHEMA, ["input_uri"])
+                   .column("input_uri").to_pylist())
     statuses: dict[str, int] = {}
-    for s in t["status"]:
-        statuses[s] = statuses.get(s, 0) + 1
-    ok = [i for i, s in enumerate(t["status"]) if s == "ok"]
-    return {"inputs": len(t["input_uri"]), "statuses": statuses,
-            "input_bytes": sum(t["input_bytes"][i] or 0 for i in ok),
-            "output_bytes": sum(t["output_bytes"][i] or 0 for i in ok),
-            "retired": sum(1 for r in t["retired"] if r is not None)}
+    for status, _, _ in latest.values():
+        statuses[status] = statuses.get(status, 0) + 1
+    ok = [v for v in latest.values() if v[0] == "ok"]
+    return {"inputs": len(latest), "statuses": statuses, "input_bytes": sum(v[1] or 0 for v in ok),
+            "output_bytes": sum(v[2] or 0 for v in ok), "retired": len(retired)}
+
+
+def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
+    """One incremental run of a compress job over ``items``; returns (and commits) its summary."""
+    t_start = time.time()
+    run_id = new_run_id()
+    fs, root = open_fs(spec.output, spec.storage_options)
+    if spec.overwrite:
+        discard_runs(fs, root)
+    seen = seen_inputs(fs, root)
+    delta = Delta()
+    backlog: list[tuple[Item, Seen]] | None = [] if spec.retire_originals else None
+    listed: set[str] | None = set() if spec.retire_originals else None
+    manifest_dir = run_manifest_dir(run_id)
+    config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
+                            target=spec.default_target(), storage_options=spec.storage_options,
+                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap,
+                            manifest_dir=manifest_dir, run_id=run_id, retire=spec.retire_originals,
+                            retire_to=spec.retire_to)
+    shards = shard(plan_changes(items, seen, spec, delta, backlog, listed), spec.shard_size)
+    first = next(shards, None)
+    if first is None:   # nothing new or changed: no workers to start, only the spec check
+        with_retries(lambda: prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
+        state = RunState()
+    else:
+        state = run_pass(spec, itertools.chain([first], shards), config, COMPRESS_SCHEMA, device,
+                         manifest_dir=manifest_dir)
+    summary = finish(spec, fs, root, state, time.time() - t_start, manifest_dir=manifest_dir, write=False)
+    if backlog is not None and listed is not None:
+        summary["retired_items"] += retire_backlog(spec, fs, root, run_id, backlog, seen, listed)
+    summary.update(run_id=run_id, **delta.to_dict(), wall_s=round(time.time() - t_start, 3),
+                   state=state_totals(seen, fs, root, run_id))
+    write_run_record(fs, root, summary)
+    write_success(fs, root, summary)
+    return summary
+
+
+def discard_runs(fs, root: str) -> None:
+    """--overwrite: forget earlier runs, unless some retired originals (their bitstreams are
+    then the only copy, and the manifest is the only record of where they came from)."""
+    if part_files(fs, f"{root}/{RETIRED_DIR}"):
+        raise JobError(f"{redact(root)}/{RETIRED_DIR} records retired originals: --overwrite would discard the "
+                       "only record of them; use another OUTPUT")
+    for name in (RUNS_DIR, MANIFEST_DIR):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+
+
+def retire_backlog(spec: JobSpec, fs, root: str, run_id: str, backlog: list[tuple[Item, Seen]],
+                   seen: dict[str, Seen], listed: set[str]) -> int:
+    """Retire what earlier runs committed and verified but did not retire, and record, as
+    ``already-absent``, verified inputs gone from the input without a tombstone (a run killed
+    between a delete and its tombstone). Serial in the driver: in steady state it is empty."""
+    tombs = []
+    for item, before in backlog:
+        tomb = retire_original(item.uri, item.relpath, before.row(redact(item.uri) or ""), run_id, spec.retire_to,
+                               spec.storage_options)
+        if tomb is not None:
+            tombs.append(tomb)
+    tombs += [tombstone(before.row(uri), run_id, "already-absent") for uri, before in seen.items()
+              if uri not in listed and before.status == "ok" and before.verified and before.retired is None]
+    if tombs:   # the driver's own part, beside the workers' part-NNNNN
+        atomic_write(fs, f"{root}/{retired_dir(run_id)}/part-driver.parquet", part_bytes(tombs, RETIRED_SCHEMA))
+    return len(tombs)
 
 
 def write_run_record(fs, root: str, summary: dict[str, Any]) -> None:

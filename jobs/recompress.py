@@ -13,23 +13,15 @@ growing archive compressed, and a killed run is finished by the next.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-import time
 from typing import Any, Iterator
 
 from ratefit.codecs.registry import preferred_device
-from ratefit.jobs.incremental import (RUNS_DIR, Delta, new_run_id, plan_changes, run_manifest_dir, seen_inputs,
-                                      state_totals, write_run_record)
-from ratefit.jobs.plan import iter_folder, iter_listing, shard
-from ratefit.jobs.runner import JobError, RunState, finish, prepare_output, run_pass, write_success
+from ratefit.jobs import incremental
+from ratefit.jobs.plan import iter_folder, iter_listing
 from ratefit.jobs.spec import JobSpec, SpecError, load_spec_file
-from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, empty_row, part_files, write_part
-from ratefit.workers.retire import retire_original, retired_dir
-from ratefit.workers.storage import open_fs, redact, with_retries
 
 
 def plan_items(spec: JobSpec) -> Iterator[Item]:
@@ -50,69 +42,7 @@ def run(spec: JobSpec) -> dict[str, Any]:
     # codec that cannot be built (bad options, missing weights) into one JobError, before
     # anything is written to OUTPUT. The driver never loads a model.
     device = preferred_device(spec.codec, **spec.codec_kwargs())
-    t_start = time.time()
-    run_id = new_run_id()
-    fs, root = open_fs(spec.output, spec.storage_options)
-    if spec.overwrite:
-        discard_runs(fs, root)
-    seen = {} if spec.overwrite else seen_inputs(fs, root)
-    delta = Delta()
-    backlog: list = [] if spec.retire_originals else None
-    listed: set[str] | None = set() if spec.retire_originals else None
-    manifest_dir = run_manifest_dir(run_id)
-    config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
-                            target=spec.default_target(), storage_options=spec.storage_options,
-                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap,
-                            manifest_dir=manifest_dir, run_id=run_id, retire=spec.retire_originals,
-                            retire_to=spec.retire_to)
-    shards = shard(plan_changes(plan_items(spec), seen, spec, delta, backlog, listed), spec.shard_size)
-    first = next(shards, None)
-    if first is None:   # nothing new or changed: no workers to start, only the spec check
-        with_retries(lambda: prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
-        state = RunState()
-    else:
-        state = run_pass(spec, itertools.chain([first], shards), config, COMPRESS_SCHEMA, device,
-                         manifest_dir=manifest_dir)
-    summary = finish(spec, fs, root, state, time.time() - t_start, manifest_dir=manifest_dir, write=False)
-    if spec.retire_originals:
-        summary["retired_items"] += retire_backlog(spec, fs, root, run_id, backlog, seen, listed)
-    summary.update(run_id=run_id, **delta.to_dict(), wall_s=round(time.time() - t_start, 3),
-                   state=state_totals(fs, root))
-    write_run_record(fs, root, summary)
-    write_success(fs, root, summary)
-    return summary
-
-
-def discard_runs(fs, root: str) -> None:
-    """--overwrite: forget earlier runs, unless some retired originals (their bitstreams are
-    then the only copy, and the manifest is the only record of where they came from)."""
-    if part_files(fs, f"{root}/{RETIRED_DIR}"):
-        raise JobError(f"{root}/{RETIRED_DIR} records retired originals: --overwrite would discard the only "
-                       "record of them; use another OUTPUT")
-    for name in (RUNS_DIR, MANIFEST_DIR):
-        if fs.exists(f"{root}/{name}"):
-            fs.rm(f"{root}/{name}", recursive=True)
-
-
-def retire_backlog(spec: JobSpec, fs, root: str, run_id: str, backlog: list, seen: dict, listed: set[str]) -> int:
-    """Retire what earlier runs committed and verified but did not retire, and record, as
-    ``already-absent``, verified inputs gone from the input without a tombstone (a run killed
-    between a delete and its tombstone). Serial in the driver: in steady state it is empty."""
-    tombs = []
-    for item, before in backlog:
-        tomb = retire_original(item.uri, item.relpath, before.row(redact(item.uri)), run_id, spec.retire_to,
-                               spec.storage_options)
-        if tomb is not None:
-            tombs.append(tomb)
-    for uri, before in seen.items():
-        if uri not in listed and before.status == "ok" and before.verified and before.retired is None:
-            tomb = empty_row(RETIRED_SCHEMA)
-            tomb.update(before.row(uri), run_id=run_id, action="already-absent",
-                        retired_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            tombs.append({k: tomb[k] for k in RETIRED_SCHEMA.names})
-    if tombs:
-        write_part(fs, f"{root}/{retired_dir(run_id)}", 99999, tombs, RETIRED_SCHEMA)
-    return len(tombs)
+    return incremental.run(spec, plan_items(spec), device)
 
 
 def _json_arg(text: str) -> dict[str, Any]:

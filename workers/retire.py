@@ -31,30 +31,33 @@ def retirable(row: dict[str, Any]) -> bool:
     return row.get("status") == "ok" and row.get("verified") is True and row.get("output_uri") is not None
 
 
+def tombstone(row: dict[str, Any], run_id: str, action: str, moved_to: str | None = None) -> dict[str, Any]:
+    """The tombstone of a manifest row's original (``action``: deleted, moved, already-absent)."""
+    tomb = empty_row(RETIRED_SCHEMA)
+    tomb.update(input_uri=row["input_uri"], output_uri=row["output_uri"], run_id=run_id,
+                source_version=row.get("source_version"), input_bytes=row.get("input_bytes"),
+                action=action, moved_to=moved_to, retired_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return tomb
+
+
 def retire_original(uri: str, relpath: str, row: dict[str, Any], run_id: str, retire_to: str | None,
                     storage_options: dict[str, Any]) -> dict[str, Any] | None:
     """Retire one original whose verified row is committed; the tombstone row, or None if kept."""
     fs, path = open_fs(uri, storage_options)
-    tomb = empty_row(RETIRED_SCHEMA)
-    tomb.update(input_uri=row["input_uri"], output_uri=row["output_uri"], run_id=run_id,
-                source_version=row.get("source_version"), input_bytes=row.get("input_bytes"),
-                retired_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     try:
         size, version = source_stat(fs, path)
     except FileNotFoundError:
-        tomb["action"] = "already-absent"
-        return tomb
+        return tombstone(row, run_id, "already-absent")
     if version is None or version != row.get("source_version") or size != row.get("input_bytes"):
         return None   # replaced since it was read: keep it; the next run sees a changed input
+    moved_to = None
     if retire_to:
         dest_fs, dest_root = open_fs(retire_to, storage_options)
         dest = safe_join(dest_root, relpath)
         atomic_write(dest_fs, dest, fetch(fs, path))
-        tomb.update(action="moved", moved_to=redact(full_url(dest_fs, dest)))
-    else:
-        tomb["action"] = "deleted"
+        moved_to = redact(full_url(dest_fs, dest))
     with_retries(lambda: fs.rm_file(path), f"delete {redact(uri)}")
-    return tomb
+    return tombstone(row, run_id, "moved" if moved_to else "deleted", moved_to)
 
 
 def retire_shard(items: Iterable[Item], rows: list[dict[str, Any]], run_id: str, retire_to: str | None,
