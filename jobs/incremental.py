@@ -15,6 +15,7 @@ runs`` lists the runs.
 
 from __future__ import annotations
 
+import calendar
 import itertools
 import json
 import time
@@ -22,13 +23,15 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
+import pyarrow as pa
+
 from ratefit.jobs.plan import shard
 from ratefit.jobs.runner import JobError, RunState, finish, prepare_output, run_pass, write_success
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import (COMPRESS_SCHEMA, MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX,
-                                      current_state, part_bytes, part_files, read_all_parts)
+                                      STATE_DIR, current_state, part_bytes, part_files, write_snapshot)
 from ratefit.workers.retire import retire_original, retired_dir, tombstone
 from ratefit.workers.storage import atomic_write, open_fs, redact, source_stat, with_retries
 
@@ -36,8 +39,13 @@ RUNS_DIR = "_runs"
 DONE_STATUSES = ("ok", "unreachable")   # an unchanged input with one of these is not planned again
 
 
-def new_run_id() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+def new_run_id(after: str | None = None) -> str:
+    """UTC start time plus a random suffix; always after ``after`` (the newest earlier run), so
+    run ids increase from run to run even when drivers' clocks disagree."""
+    now = time.gmtime()
+    if after is not None and time.strftime("%Y%m%dT%H%M%SZ", now) <= after[:16]:
+        now = time.gmtime(calendar.timegm(time.strptime(after[:16], "%Y%m%dT%H%M%SZ")) + 1)
+    return time.strftime("%Y%m%dT%H%M%SZ", now) + "-" + uuid.uuid4().hex[:6]
 
 
 def run_manifest_dir(run_id: str) -> str:
@@ -57,7 +65,6 @@ class Seen:
     output_uri: str | None = None
     verified: bool | None = None
     retired: str | None = None
-    output_bytes: int | None = None
 
     def row(self, uri: str) -> dict[str, Any]:
         """The fields ``workers.retire`` needs, as a manifest row has them."""
@@ -80,11 +87,11 @@ class Delta:
 
 def seen_inputs(fs, root: str) -> dict[str, Seen]:
     """The manifest's current state as a look-up by input URI (empty for a new OUTPUT)."""
-    cols = ["input_bytes", "codec", "target_kind", "target_value", "status", "output_uri", "verified", "output_bytes"]
+    cols = ["input_bytes", "codec", "target_kind", "target_value", "status", "output_uri", "verified"]
     t = current_state(fs, root, cols).to_pydict()
     return {uri: Seen(*fields) for uri, *fields in zip(
         t["input_uri"], t["input_bytes"], t["source_version"], t["codec"], t["target_kind"], t["target_value"],
-        t["status"], t["output_uri"], t["verified"], t["retired"], t["output_bytes"])}
+        t["status"], t["output_uri"], t["verified"], t["retired"])}
 
 
 def plan_changes(items: Iterable[Item], seen: dict[str, Seen], spec: JobSpec, delta: Delta,
@@ -129,33 +136,26 @@ def plan_changes(items: Iterable[Item], seen: dict[str, Seen], spec: JobSpec, de
         yield item
 
 
-def state_totals(seen: dict[str, Seen], fs, root: str, run_id: str) -> dict[str, Any]:
-    """Counts over the current state (one row per input) after run ``run_id``: the state read
-    before the run, updated with the run's own rows and tombstones (no second full read)."""
-    latest = {uri: (s.status, s.size, s.output_bytes) for uri, s in seen.items()}
-    retired = {uri for uri, s in seen.items() if s.retired is not None}
-    rows = read_all_parts(fs, f"{root}/{run_manifest_dir(run_id)}", COMPRESS_SCHEMA,
-                          ["input_uri", "status", "input_bytes", "output_bytes"]).to_pydict()
-    for uri, status, size, out in zip(rows["input_uri"], rows["status"], rows["input_bytes"], rows["output_bytes"]):
-        latest[uri] = (status, size, out)
-        retired.discard(uri)   # a new version: the old one's tombstone does not cover it
-    retired.update(read_all_parts(fs, f"{root}/{retired_dir(run_id)}", RETIRED_SCHEMA, ["input_uri"])
-                   .column("input_uri").to_pylist())
+def state_totals(state: pa.Table) -> dict[str, Any]:
+    """Counts over the current state (one row per input), for the run's summary."""
+    t = state.select(["status", "input_bytes", "output_bytes", "retired"]).to_pydict()
     statuses: dict[str, int] = {}
-    for status, _, _ in latest.values():
-        statuses[status] = statuses.get(status, 0) + 1
-    ok = [v for v in latest.values() if v[0] == "ok"]
-    return {"inputs": len(latest), "statuses": statuses, "input_bytes": sum(v[1] or 0 for v in ok),
-            "output_bytes": sum(v[2] or 0 for v in ok), "retired": len(retired)}
+    for s in t["status"]:
+        statuses[s] = statuses.get(s, 0) + 1
+    ok = [i for i, s in enumerate(t["status"]) if s == "ok"]
+    return {"inputs": len(t["status"]), "statuses": statuses,
+            "input_bytes": sum(t["input_bytes"][i] or 0 for i in ok),
+            "output_bytes": sum(t["output_bytes"][i] or 0 for i in ok),
+            "retired": sum(1 for r in t["retired"] if r is not None)}
 
 
 def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
     """One incremental run of a compress job over ``items``; returns (and commits) its summary."""
     t_start = time.time()
-    run_id = new_run_id()
     fs, root = open_fs(spec.output, spec.storage_options)
     if spec.overwrite:
         discard_runs(fs, root)
+    run_id = new_run_id(after=max(run_ids(fs, root), default=None))
     seen = seen_inputs(fs, root)
     delta = Delta()
     backlog: list[tuple[Item, Seen]] | None = [] if spec.retire_originals else None
@@ -177,8 +177,9 @@ def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
     summary = finish(spec, fs, root, state, time.time() - t_start, manifest_dir=manifest_dir, write=False)
     if backlog is not None and listed is not None:
         summary["retired_items"] += retire_backlog(spec, fs, root, run_id, backlog, seen, listed)
+    state_now = write_snapshot(fs, root, run_id)   # the next run reads this instead of every part
     summary.update(run_id=run_id, **delta.to_dict(), wall_s=round(time.time() - t_start, 3),
-                   state=state_totals(seen, fs, root, run_id))
+                   state=state_totals(state_now))
     write_run_record(fs, root, summary)
     write_success(fs, root, summary)
     return summary
@@ -190,7 +191,7 @@ def discard_runs(fs, root: str) -> None:
     if part_files(fs, f"{root}/{RETIRED_DIR}"):
         raise JobError(f"{redact(root)}/{RETIRED_DIR} records retired originals: --overwrite would discard the "
                        "only record of them; use another OUTPUT")
-    for name in (RUNS_DIR, MANIFEST_DIR):
+    for name in (RUNS_DIR, MANIFEST_DIR, STATE_DIR):
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
 
@@ -218,13 +219,12 @@ def write_run_record(fs, root: str, summary: dict[str, Any]) -> None:
                  json.dumps(summary, indent=2, allow_nan=False).encode())
 
 
-def list_runs(output: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Every run of OUTPUT, oldest first: finished ones from ``_runs/``, and run folders in the
-    manifest without a record as ``unfinished`` (killed, or still running)."""
-    fs, root = open_fs(output, storage_options)
-    runs: dict[str, dict[str, Any]] = {}
+def run_ids(fs, root: str) -> dict[str, bool]:
+    """Every run id of OUTPUT, finished (a record in ``_runs/``) or not (only a manifest folder)."""
+    ids: dict[str, bool] = {}
     fs.invalidate_cache(root)
     for folder, finished in ((f"{root}/{RUNS_DIR}", True), (f"{root}/{MANIFEST_DIR}", False)):
+        fs.invalidate_cache(folder)
         try:
             names = with_retries(lambda: fs.ls(folder, detail=False), f"list {folder}")
         except FileNotFoundError:
@@ -232,7 +232,15 @@ def list_runs(output: str, storage_options: dict[str, Any] | None = None) -> lis
         for name in names:
             base = name.rstrip("/").rsplit("/", 1)[-1]
             if finished and base.endswith(".json"):
-                runs[base[:-5]] = json.loads(fs.cat_file(name))
-            elif not finished and base.startswith(RUN_PREFIX) and base[len(RUN_PREFIX):] not in runs:
-                runs[base[len(RUN_PREFIX):]] = {"run_id": base[len(RUN_PREFIX):], "status": "unfinished"}
-    return [runs[k] for k in sorted(runs)]
+                ids[base[:-5]] = True
+            elif not finished and base.startswith(RUN_PREFIX):
+                ids.setdefault(base[len(RUN_PREFIX):], False)
+    return ids
+
+
+def list_runs(output: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every run of OUTPUT, oldest first: finished ones from ``_runs/``, and run folders in the
+    manifest without a record as ``unfinished`` (killed, or still running)."""
+    fs, root = open_fs(output, storage_options)
+    return [json.loads(fs.cat_file(f"{root}/{RUNS_DIR}/{rid}.json")) if finished
+            else {"run_id": rid, "status": "unfinished"} for rid, finished in sorted(run_ids(fs, root).items())]

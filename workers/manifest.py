@@ -21,6 +21,7 @@ from ratefit.workers.storage import atomic_write, fetch, with_retries
 MANIFEST_DIR = "_manifest"
 RETIRED_DIR = "_retired"   # tombstones: one part per shard whose originals a run retired
 RUN_PREFIX = "run="        # compress runs commit their parts under _manifest/run=<run id>/
+STATE_DIR = "_state"       # snapshots of the current state, state-<run id>.parquet, one per finished run
 STATUSES = ("ok", "error", "unreachable", "skipped")
 
 # Columns both jobs share, in this order, so one query can read either manifest.
@@ -156,11 +157,12 @@ def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def part_files(fs, folder: str) -> list[str]:
+def part_files(fs, folder: str, after: str | None = None) -> list[str]:
     """Every ``part-*.parquet`` under ``folder``, one level of ``run=<id>/`` folders included.
 
     Sorted so that flat parts (jobs before incremental runs, budget jobs) come first, then
-    runs in the order of their ids, which sort by start time.
+    runs in the order of their ids (which increase from run to run). ``after``: only the
+    parts of runs whose id sorts after it (what a state snapshot of that run does not hold).
     """
     fs.invalidate_cache(folder)
     try:
@@ -176,6 +178,9 @@ def part_files(fs, folder: str) -> list[str]:
         elif base.startswith("part-") and base.endswith(".parquet"):
             files.append(name)
     files.sort()
+    if after is not None:
+        files = []
+        runs = [r for r in runs if r.rsplit("/", 1)[-1][len(RUN_PREFIX):] > after]
     for run in sorted(runs):
         fs.invalidate_cache(run)   # s3fs drops a folder's cached listing, not its children's
         files.extend(sorted(n for n in with_retries(lambda: fs.ls(run, detail=False), f"list {run}")
@@ -183,16 +188,19 @@ def part_files(fs, folder: str) -> list[str]:
     return files
 
 
-def read_all_parts(fs, folder: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """Every part under ``folder`` (runs included) as one table of ``schema``; older parts lacking
-    a column get nulls, so manifests written by earlier versions still read."""
+def _read_as(fs, path: str, schema: pa.Schema, names: list[str]) -> pa.Table:
+    """A Parquet file's ``names`` columns typed as in ``schema``; a column older files lack is null."""
+    t = pq.read_table(io.BytesIO(fetch(fs, path)))
+    return pa.table([t.column(n).cast(schema.field(n).type) if n in t.column_names
+                     else pa.nulls(len(t), schema.field(n).type) for n in names], names=names)
+
+
+def read_all_parts(fs, folder: str, schema: pa.Schema, columns: list[str] | None = None,
+                   after: str | None = None) -> pa.Table:
+    """Every part under ``folder`` (runs included, or only runs after ``after``) as one table of
+    ``schema``; older parts lacking a column get nulls, so manifests of earlier versions read."""
     names = columns or schema.names
-    tables = []
-    for path in part_files(fs, folder):
-        t = pq.read_table(io.BytesIO(fetch(fs, path)))
-        cols = [t.column(n).cast(schema.field(n).type) if n in t.column_names
-                else pa.nulls(len(t), schema.field(n).type) for n in names]
-        tables.append(pa.table(cols, names=names))
+    tables = [_read_as(fs, path, schema, names) for path in part_files(fs, folder, after)]
     if not tables:
         return pa.table({n: pa.array([], schema.field(n).type) for n in names})
     return pa.concat_tables(tables)
@@ -207,17 +215,65 @@ def latest_rows(table: pa.Table) -> pa.Table:
     return table.take(sorted(last.values()))
 
 
+STATE_SCHEMA = COMPRESS_SCHEMA.append(pa.field("retired", pa.string()))
+
+
+def latest_snapshot(fs, root: str) -> tuple[str | None, str | None]:
+    """(run id, path) of the newest state snapshot under ``OUTPUT/_state/``, or (None, None)."""
+    folder = f"{root}/{STATE_DIR}"
+    fs.invalidate_cache(folder)
+    try:
+        names = with_retries(lambda: fs.ls(folder, detail=False), f"list {folder}")
+    except FileNotFoundError:
+        return None, None
+    snaps = sorted(n for n in names if n.rstrip("/").rsplit("/", 1)[-1].startswith("state-"))
+    if not snaps:
+        return None, None
+    return snaps[-1].rsplit("/", 1)[-1][len("state-"):-len(".parquet")], snaps[-1]
+
+
 def current_state(fs, root: str, columns: list[str] | None = None) -> pa.Table:
     """The manifest as it stands: one row per input, its latest attempt, plus ``retired``
-    (the tombstone's action when a run retired that very version of the original, else null)."""
-    if columns is not None:
-        columns = list(dict.fromkeys(["input_uri", "source_version"] + columns))
-    state = latest_rows(read_all_parts(fs, f"{root}/{MANIFEST_DIR}", COMPRESS_SCHEMA, columns))
-    tomb = read_all_parts(fs, f"{root}/{RETIRED_DIR}", RETIRED_SCHEMA, ["input_uri", "source_version", "action"])
-    retired = {(u, v): a for u, v, a in zip(*(tomb.column(n).to_pylist() for n in ("input_uri", "source_version", "action")))}
+    (the tombstone's action when a run retired that very version of the original, else null).
+
+    Reads the newest snapshot (``write_snapshot``, one file per finished run) and only the parts
+    and tombstones of runs after it, so a nightly job does not re-read a year of parts; without
+    a snapshot, every part.
+    """
+    names = list(dict.fromkeys(["input_uri", "source_version"] + (columns or COMPRESS_SCHEMA.names)))
+    snap_id, snap_path = latest_snapshot(fs, root)
+    tables, retired = [], {}
+    if snap_path is not None:
+        base = _read_as(fs, snap_path, STATE_SCHEMA, names + ["retired"])
+        retired = {(u, v): a for u, v, a in zip(*(base.column(n).to_pylist()
+                                                  for n in ("input_uri", "source_version", "retired"))) if a}
+        tables.append(base.drop(["retired"]))
+    tables.append(read_all_parts(fs, f"{root}/{MANIFEST_DIR}", COMPRESS_SCHEMA, names, after=snap_id))
+    state = latest_rows(pa.concat_tables(tables))
+    tomb = read_all_parts(fs, f"{root}/{RETIRED_DIR}", RETIRED_SCHEMA, ["input_uri", "source_version", "action"],
+                          after=snap_id)
+    retired.update({(u, v): a for u, v, a in zip(*(tomb.column(n).to_pylist()
+                                                  for n in ("input_uri", "source_version", "action")))})
     actions = [retired.get((u, v)) for u, v in zip(state.column("input_uri").to_pylist(),
                                                      state.column("source_version").to_pylist())]
     return state.append_column("retired", pa.array(actions, pa.string()))
+
+
+def write_snapshot(fs, root: str, run_id: str, keep: int = 2) -> pa.Table:
+    """Commit the current state after run ``run_id`` as one file; older snapshots beyond ``keep`` go.
+
+    Returns the state. The parts stay: they are the record, the snapshot a cache of their merge.
+    """
+    state = current_state(fs, root)
+    buf = io.BytesIO()
+    pq.write_table(state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA), buf, compression="zstd")
+    atomic_write(fs, f"{root}/{STATE_DIR}/state-{run_id}.parquet", buf.getvalue())
+    folder = f"{root}/{STATE_DIR}"
+    fs.invalidate_cache(folder)
+    snaps = sorted(n for n in fs.ls(folder, detail=False) if n.rstrip("/").rsplit("/", 1)[-1].startswith("state-"))
+    for old in snaps[:-keep]:
+        fs.rm_file(old)
+    return state
 
 
 def shard_fingerprint(uris: list[str]) -> str:
