@@ -31,7 +31,8 @@ from ratefit.jobs.spec import JobSpec
 from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import (COMPRESS_SCHEMA, MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX,
-                                      STATE_DIR, current_state, part_bytes, part_files, write_snapshot)
+                                      STATE_DIR, current_state, latest_snapshot, part_bytes, part_files,
+                                      write_snapshot)
 from ratefit.workers.retire import retire_original, retired_dir, tombstone
 from ratefit.workers.storage import atomic_write, open_fs, redact, source_stat, with_retries
 
@@ -155,7 +156,8 @@ def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
     fs, root = open_fs(spec.output, spec.storage_options)
     if spec.overwrite:
         discard_runs(fs, root)
-    run_id = new_run_id(after=max(run_ids(fs, root), default=None))
+    # After every earlier run and snapshot: a snapshot covers the runs up to its id.
+    run_id = new_run_id(after=max([*run_ids(fs, root), latest_snapshot(fs, root)[0] or ""], default=None) or None)
     seen = seen_inputs(fs, root)
     delta = Delta()
     backlog: list[tuple[Item, Seen]] | None = [] if spec.retire_originals else None

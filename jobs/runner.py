@@ -25,8 +25,8 @@ from ratefit.jobs.progress import Progress
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.actor import ShardWorker
 from ratefit.workers.items import Shard
-from ratefit.workers.manifest import (MANIFEST_DIR, existing_parts, part_name, part_stats, shard_fingerprint,
-                                     write_part)
+from ratefit.workers.manifest import (MANIFEST_DIR, committed_rows, existing_parts, part_name, part_stats,
+                                     shard_fingerprint, write_part)
 from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, open_fs, redact, set_retry_window,
                                      with_retries)
 
@@ -190,8 +190,11 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
                     submit(min(slots, key=lambda s: s.busy), shard, attempt + 1)
                 else:
                     state.failed_shards += 1
-                    rows = _failed_rows(shard, schema, attempt, f"failed {attempt} times: {reason}")
-                    write_part(fs, manifest_root, shard.index, rows, schema)
+                    # A part committed before the failures (they came after it) stands.
+                    rows = committed_rows(fs, manifest_root, shard.index)
+                    if rows is None:
+                        rows = _failed_rows(shard, schema, attempt, f"failed {attempt} times: {reason}")
+                        write_part(fs, manifest_root, shard.index, rows, schema)
                     state.stats[shard.index] = part_stats(rows)
                     progress.advance(len(shard.items), 0)
 

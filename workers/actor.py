@@ -13,7 +13,7 @@ from typing import Any
 from ratefit.workers.compress import CompressConfig, Compressor
 from ratefit.workers.decompress import DecompressConfig, Decompressor
 from ratefit.workers.items import Shard
-from ratefit.workers.manifest import MANIFEST_DIR, part_stats, write_part
+from ratefit.workers.manifest import MANIFEST_DIR, committed_rows, part_stats, write_part
 from ratefit.workers.probe import ProbeConfig, Prober
 from ratefit.workers.retire import retire_shard
 from ratefit.workers.storage import set_retry_window
@@ -32,8 +32,14 @@ class ShardWorker:
         self.manifest_root = f"{self.processor.out_root}/{getattr(config, 'manifest_dir', MANIFEST_DIR)}"
 
     def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
-        rows = [self.processor(item, shard.index, attempt) for item in shard.items]
-        write_part(self.processor.out_fs, self.manifest_root, shard.index, rows, self.processor.schema)
+        # A retry of a shard whose part is already committed (its worker died after the commit,
+        # e.g. while retiring originals) keeps those rows: redoing them could turn a verified
+        # row into an error for an original that is already gone.
+        fs = self.processor.out_fs
+        rows = committed_rows(fs, self.manifest_root, shard.index) if attempt > 1 else None
+        if rows is None:
+            rows = [self.processor(item, shard.index, attempt) for item in shard.items]
+            write_part(fs, self.manifest_root, shard.index, rows, self.processor.schema)
         stats = part_stats(rows)
         config = self.processor.config
         if getattr(config, "retire", False):   # only now: every row of the shard is committed

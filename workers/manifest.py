@@ -130,6 +130,14 @@ def write_part(fs, manifest_root: str, shard_index: int, rows: list[dict[str, An
     return path
 
 
+def committed_rows(fs, manifest_root: str, shard_index: int) -> list[dict[str, Any]] | None:
+    """The rows of a shard's committed part, or None when it has none."""
+    try:
+        return pq.read_table(io.BytesIO(fetch(fs, f"{manifest_root}/{part_name(shard_index)}"))).to_pylist()
+    except FileNotFoundError:
+        return None
+
+
 def existing_parts(fs, manifest_root: str) -> set[int]:
     """Shard indices whose part is already committed (one listing call, not one per shard)."""
     fs.invalidate_cache(manifest_root)   # other processes (the workers) wrote parts since the last look

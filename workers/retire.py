@@ -18,7 +18,7 @@ import time
 from typing import Any, Iterable
 
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX, empty_row, write_part
+from ratefit.workers.manifest import RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX, committed_rows, empty_row, write_part
 from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join,
                                      source_stat, with_retries)
 
@@ -65,11 +65,14 @@ def retire_shard(items: Iterable[Item], rows: list[dict[str, Any]], run_id: str,
     """Retire a committed shard's verified originals and commit their tombstones; returns how many.
 
     A failure on one original keeps it (it is retried by the next run's sweep) and does not
-    stop the others; a storage outage stops, as everywhere else.
+    stop the others; a storage outage stops, as everywhere else. A retried shard keeps the
+    tombstones an earlier attempt committed and adds the rest.
     """
-    tombs = []
+    folder = f"{out_root}/{retired_dir(run_id)}"
+    tombs = committed_rows(out_fs, folder, shard_index) or []
+    done = {t["input_uri"] for t in tombs}
     for item, row in zip(items, rows):
-        if not retirable(row):
+        if not retirable(row) or row["input_uri"] in done:
             continue
         try:
             tomb = retire_original(item.uri, item.relpath, row, run_id, retire_to, storage_options)
@@ -79,6 +82,6 @@ def retire_shard(items: Iterable[Item], rows: list[dict[str, Any]], run_id: str,
             continue
         if tomb is not None:
             tombs.append(tomb)
-    if tombs:
-        write_part(out_fs, f"{out_root}/{retired_dir(run_id)}", shard_index, tombs, RETIRED_SCHEMA)
-    return len(tombs)
+    if len(tombs) > len(done):
+        write_part(out_fs, folder, shard_index, tombs, RETIRED_SCHEMA)
+    return len(tombs) - len(done)
