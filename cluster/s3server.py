@@ -99,7 +99,9 @@ class S3Server:
         cmd = [weed_binary(), "server", f"-dir={data}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
                f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
                "-s3", f"-s3.port={s3}", f"-s3.config={config}", "-master.volumeSizeLimitMB=256",
-               "-volume.max=64", "-s3.iam=false",
+               # Each bucket takes several volumes as it grows; 64 ran out at the 10th bucket
+               # ("InternalError" on PUT). Volumes are created small, so a high cap costs nothing.
+               "-volume.max=1000", "-s3.iam=false",
                # Newer weed also opens Iceberg and Lance catalog listeners on fixed ports (8181,
                # 9101); off, so two servers (or a restart while the old one exits) never collide.
                "-s3.port.iceberg=0", "-s3.port.lance=0"]

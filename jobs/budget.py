@@ -44,7 +44,8 @@ from ratefit.jobs.runner import PLAN_DIR, JobError, finish, run_pass, write_succ
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, PROBE_SCHEMA, part_name, read_parts, write_part
+from ratefit.workers.manifest import (COMPRESS_SCHEMA, MANIFEST_DIR, PROBE_SCHEMA, parquet_table, part_name,
+                                     read_parts, write_part)
 from ratefit.workers.probe import PROBES_DIR, ProbeConfig
 from ratefit.workers.storage import atomic_write, fetch, open_fs, redact
 
@@ -172,7 +173,7 @@ def _load_or_make_plan(spec: JobSpec, fs, root: str, continuous: bool) -> tuple[
     if fs.exists(plan_path) and fs.exists(alloc_path):
         summary = json.loads(fetch(fs, plan_path))
         if summary.get("spec_hash") == spec.spec_hash():
-            return pq.read_table(io.BytesIO(fetch(fs, alloc_path))), summary
+            return parquet_table(fetch(fs, alloc_path)), summary
     t0 = time.perf_counter()
     table, summary = make_plan(spec, load_probes(fs, root), continuous)
     summary["plan_s"] = round(time.perf_counter() - t0, 3)
@@ -256,7 +257,7 @@ def _merge_corrections(fs, root: str, corrected: list[int], shard_size: int) -> 
             by_part.setdefault(index // shard_size, {})[index % shard_size] = row
     for part, replace in sorted(by_part.items()):
         path = f"{root}/{MANIFEST_DIR}/{part_name(part)}"
-        rows = pq.read_table(io.BytesIO(fetch(fs, path))).to_pylist()
+        rows = parquet_table(fetch(fs, path)).to_pylist()
         for pos, row in replace.items():
             rows[pos] = {**row, "shard": part}
         write_part(fs, f"{root}/{MANIFEST_DIR}", part, rows, COMPRESS_SCHEMA)
@@ -309,7 +310,7 @@ def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[st
     if fs.exists(done_path):
         return json.loads(fetch(fs, done_path))
     if fs.exists(list_path):
-        chosen = pq.read_table(io.BytesIO(fetch(fs, list_path))).to_pydict()
+        chosen = parquet_table(fetch(fs, list_path)).to_pydict()
         targets = dict(zip(chosen["index"], chosen["target_bytes"]))
     else:
         rows = read_parts(fs, f"{root}/{MANIFEST_DIR}", ["status", "output_bytes"]).to_pydict()

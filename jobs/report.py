@@ -19,7 +19,7 @@ import numpy as np
 
 from ratefit.jobs.budget import ALLOCATION
 from ratefit.jobs.runner import SUCCESS, JobError
-from ratefit.workers.manifest import current_state
+from ratefit.workers.manifest import current_state, parquet_table
 from ratefit.workers.storage import atomic_write, open_fs, redact
 
 REPORT = "report.html"
@@ -134,9 +134,7 @@ def build_report(output: str, storage_options: dict[str, Any] | None = None) -> 
     rows = current_state(fs, root).to_pydict()   # one row per input, across runs
     allocation = None
     if summary.get("budget") and fs.exists(f"{root}/{ALLOCATION}"):
-        import pyarrow.parquet as pq
-
-        allocation = pq.read_table(io.BytesIO(fs.cat_file(f"{root}/{ALLOCATION}"))).to_pydict()
+        allocation = parquet_table(fs.cat_file(f"{root}/{ALLOCATION}")).to_pydict()
     figures = _figures(rows, allocation)
     try:
         example = _qmap_example(fs, rows, summary, storage_options)

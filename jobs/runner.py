@@ -8,7 +8,6 @@ only then writes ``_SUCCESS``.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -18,15 +17,14 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator
 
-import pyarrow.parquet as pq
 
 from ratefit.cluster.connect import cluster_cpus, cluster_gpus, connect
 from ratefit.jobs.progress import Progress
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.actor import ShardWorker
 from ratefit.workers.items import Shard
-from ratefit.workers.manifest import (MANIFEST_DIR, committed_rows, existing_parts, part_name, part_stats,
-                                     shard_fingerprint, write_part)
+from ratefit.workers.manifest import (MANIFEST_DIR, committed_rows, existing_parts, parquet_table, part_name,
+                                     part_stats, shard_fingerprint, write_part)
 from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, open_fs, redact, set_retry_window,
                                      with_retries)
 
@@ -246,7 +244,7 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
             raise JobError(f"shard {index} has no manifest part after the run; re-run to finish it")
         stats = state.stats.get(index)
         if stats is None:   # committed by an earlier run (or rewritten since): read it back
-            table = pq.read_table(io.BytesIO(fetch(fs, f"{manifest_root}/{part_name(index)}")))
+            table = parquet_table(fetch(fs, f"{manifest_root}/{part_name(index)}"))
             stats = part_stats(table.to_pylist())
         if stats["count"] != planned.count or stats["fingerprint"] != planned.fingerprint:
             raise JobError(f"manifest part {part_name(index)} does not match the planned shard "

@@ -19,20 +19,21 @@ import uuid
 import zlib
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from ratefit.jobs import recompress
 from ratefit.jobs.spec import JobSpec
+from ratefit.workers.manifest import parquet_table
 
 pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
 
 
 def read_manifest(fs, prefix: str) -> list[dict]:
+    fs.invalidate_cache()   # parts were written by other processes since this client last listed
     rows: list[dict] = []
     for path in sorted(fs.glob(f"{prefix}/_manifest/**/*.parquet")):
-        rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+        rows += parquet_table(fs.cat_file(path)).to_pylist()
     return rows
 
 

@@ -23,7 +23,7 @@ from ratefit.codecs.registry import get_codec
 from ratefit.jobs import recompress
 from ratefit.jobs.cli import main as cli
 from ratefit.jobs.spec import JobSpec, SpecError
-from ratefit.workers.manifest import current_state
+from ratefit.workers.manifest import current_state, parquet_table
 from ratefit.workers.storage import open_fs
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -142,7 +142,7 @@ def test_retire_to_moves_originals_on_s3(s3_server, s3fs_client, samples_dir):
     assert not fs.glob(f"{bucket}/in/*")
     for name in PHOTOS[:3]:
         assert fs.cat_file(f"{bucket}/attic/{name}") == (samples_dir / name).read_bytes()
-    tombs = pq.read_table(io.BytesIO(fs.cat_file(fs.glob(f"{bucket}/out/_retired/run=*/part-*.parquet")[0])))
+    tombs = parquet_table(fs.cat_file(fs.glob(f"{bucket}/out/_retired/run=*/part-*.parquet")[0]))
     assert sorted(tombs.column("action").to_pylist()) == ["moved"] * 3
     assert all(m.startswith(f"s3://{bucket}/attic/") for m in tombs.column("moved_to").to_pylist())
 

@@ -10,13 +10,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from ratefit.codecs.metrics import psnr
 from ratefit.jobs import decompress, recompress
 from ratefit.jobs.spec import JobSpec
+from ratefit.workers.manifest import parquet_table
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -46,7 +46,7 @@ def test_kodak_s3_round_trip_meets_targets(kodak_on_s3, s3_server, codec):
         assert summary["statuses"] == {"ok": 24}, summary
         rows = []
         for path in sorted(fs.glob(f"{bucket}/{codec}-{target}/_manifest/**/*.parquet")):
-            rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+            rows += parquet_table(fs.cat_file(path)).to_pylist()
         assert sorted(r["input_uri"] for r in rows) == sorted(originals)
         bpps = [r["bpp"] for r in rows]
         assert max(bpps) <= target, (codec, target, max(bpps))

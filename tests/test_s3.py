@@ -15,6 +15,7 @@ from PIL import Image
 from ratefit.codecs.metrics import psnr
 from ratefit.jobs import decompress, recompress
 from ratefit.jobs.spec import JobSpec
+from ratefit.workers.manifest import parquet_table
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 def read_manifest(fs, prefix: str) -> list[dict]:
     rows: list[dict] = []
     for path in sorted(fs.glob(f"{prefix}/_manifest/**/*.parquet")):
-        rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+        rows += parquet_table(fs.cat_file(path)).to_pylist()
     return rows
 
 

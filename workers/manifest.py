@@ -109,6 +109,16 @@ RETIRED_SCHEMA = pa.schema([
 ])
 
 
+def parquet_table(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """A whole Parquet file held in memory, as a table.
+
+    Through an Arrow buffer and on the calling thread: ``pq.read_table`` on a Python file
+    object (``io.BytesIO``) with threads can abort or hang the interpreter at exit
+    (apache/arrow#34314, #50482), which a driver under ``ray job submit`` did.
+    """
+    return pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+
+
 def part_name(shard_index: int) -> str:
     return f"part-{shard_index:05d}.parquet"
 
@@ -133,7 +143,7 @@ def write_part(fs, manifest_root: str, shard_index: int, rows: list[dict[str, An
 def committed_rows(fs, manifest_root: str, shard_index: int) -> list[dict[str, Any]] | None:
     """The rows of a shard's committed part, or None when it has none."""
     try:
-        return pq.read_table(io.BytesIO(fetch(fs, f"{manifest_root}/{part_name(shard_index)}"))).to_pylist()
+        return parquet_table(fetch(fs, f"{manifest_root}/{part_name(shard_index)}")).to_pylist()
     except FileNotFoundError:
         return None
 
@@ -161,7 +171,7 @@ def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
     fs.invalidate_cache(folder)
     listed = with_retries(lambda: fs.ls(folder, detail=False), f"list {folder}")
     names = sorted(n for n in listed if n.rstrip("/").rsplit("/", 1)[-1].startswith("part-"))
-    tables = [pq.read_table(io.BytesIO(fetch(fs, n)), columns=columns) for n in names]
+    tables = [parquet_table(fetch(fs, n), columns) for n in names]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
@@ -198,7 +208,7 @@ def part_files(fs, folder: str, after: str | None = None) -> list[str]:
 
 def _read_as(fs, path: str, schema: pa.Schema, names: list[str]) -> pa.Table:
     """A Parquet file's ``names`` columns typed as in ``schema``; a column older files lack is null."""
-    t = pq.read_table(io.BytesIO(fetch(fs, path)))
+    t = parquet_table(fetch(fs, path))
     return pa.table([t.column(n).cast(schema.field(n).type) if n in t.column_names
                      else pa.nulls(len(t), schema.field(n).type) for n in names], names=names)
 
