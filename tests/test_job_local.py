@@ -95,8 +95,13 @@ def test_rerun_does_only_what_is_missing_and_overwrite_starts_over(photo_dir, tm
     uris = manifest(out).column("input_uri").to_pylist()
     assert len(uris) == len(set(uris)) == 3
 
-    # A lost part (as after a crash) is redone, and only that one.
+    # As if the first run had been killed after committing two of its three parts: the next
+    # run does the missing item, and only that one.
     (out / "_manifest" / f"run={first['run_id']}" / "part-00001.parquet").unlink()
+    for p in (out / "_state").iterdir():
+        p.unlink()
+    (out / "_runs" / f"{first['run_id']}.json").unlink()
+    (out / "_runs" / f"{second['run_id']}.json").unlink()
     third = recompress.run(spec)
     assert third["items"] == 1 and third["new_items"] == 1 and third["unchanged_items"] == 2
     assert len(manifest(out)) == 3 and third["state"]["inputs"] == 3

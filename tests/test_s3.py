@@ -98,7 +98,10 @@ def test_rerun_on_s3_sees_parts_written_by_workers(s3_server, s3fs_client, bucke
                    shard_size=1, ms_ssim=False, storage_options=s3_server.storage_options)
     first = recompress.run(spec)
     assert first["statuses"] == {"ok": 3} and first["new_items"] == 3
-    fs.rm(f"{bucket}/out/_manifest/run={first['run_id']}/part-00002.parquet")   # a part lost, as in a crash
+    # As if the run had been killed after committing two of its three parts.
+    fs.rm(f"{bucket}/out/_manifest/run={first['run_id']}/part-00002.parquet")
+    fs.rm(f"{bucket}/out/_state", recursive=True)
+    fs.rm(f"{bucket}/out/_runs/{first['run_id']}.json")
     second = recompress.run(spec)
     assert second["items"] == 1 and second["unchanged_items"] == 2 and second["state"]["statuses"] == {"ok": 3}
     third = recompress.run(spec)
