@@ -167,11 +167,8 @@ def existing_parts(fs, manifest_root: str) -> set[int]:
 
 
 def read_parts(fs, folder: str, columns: list[str] | None = None) -> pa.Table:
-    """Every committed part under ``folder``, in shard order: rows in planning order."""
-    fs.invalidate_cache(folder)
-    listed = with_retries(lambda: fs.ls(folder, detail=False), f"list {folder}")
-    names = sorted(n for n in listed if n.rstrip("/").rsplit("/", 1)[-1].startswith("part-"))
-    tables = [parquet_table(fetch(fs, n), columns) for n in names]
+    """Every committed part under ``folder`` as written, in shard order: rows in planning order."""
+    tables = [parquet_table(fetch(fs, n), columns) for n in part_files(fs, folder)]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
