@@ -34,7 +34,7 @@ from ratefit.workers.manifest import (COMPRESS_SCHEMA, MANIFEST_DIR, RETIRED_DIR
                                       STATE_DIR, current_state, latest_snapshot, part_bytes, part_files,
                                       write_snapshot)
 from ratefit.workers.retire import retire_original, retired_dir, tombstone
-from ratefit.workers.storage import atomic_write, open_fs, redact, source_stat, with_retries
+from ratefit.workers.storage import atomic_write, open_fs, redact, stat_input, with_retries
 
 RUNS_DIR = "_runs"
 DONE_STATUSES = ("ok", "unreachable")   # an unchanged input with one of these is not planned again
@@ -117,10 +117,7 @@ def plan_changes(items: Iterable[Item], seen: dict[str, Seen], spec: JobSpec, de
             continue
         size, version = item.size, item.version
         if version is None:
-            try:
-                size, version = source_stat(*open_fs(item.uri, spec.storage_options))
-            except Exception:   # gone or unreadable: the read will say so in the row
-                size, version = None, None
+            size, version = stat_input(item.uri, spec.storage_options)
         target = item.target or default
         same = (version is not None and before.version == version and before.size == size
                 and before.codec == spec.codec and target is not None

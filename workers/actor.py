@@ -45,7 +45,7 @@ class ShardWorker:
         if getattr(config, "retire", False):   # only now: every row of the shard is committed
             stats["retired"] = retire_shard(shard.items, rows, config.run_id, config.retire_to,
                                             config.storage_options, self.processor.out_fs,
-                                            self.processor.out_root, shard.index)
+                                            self.processor.out_root, shard.index, retry=attempt > 1)
         return {"shard": shard.index, "items": len(rows), "statuses": stats["statuses"],
                 "input_bytes": stats["input_bytes"], "output_bytes": stats["output_bytes"], "stats": stats}
 

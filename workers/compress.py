@@ -28,7 +28,7 @@ from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
 from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image, read_quality_map
 from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join,
-                                     source_stat)
+                                     stat_input)
 
 
 @dataclass
@@ -129,7 +129,7 @@ class Compressor:
             stages.append("read")
             t0 = time.perf_counter()
             if item.version is None and self.config.run_id:   # a listing's input: ask before reading,
-                row["input_bytes"], row["source_version"] = self.source_stat(item)   # so no change is missed
+                row["input_bytes"], row["source_version"] = stat_input(item.uri, self.config.storage_options)
             image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
             row["read_ms"] = (time.perf_counter() - t0) * 1000.0
             h, w = image.height, image.width
@@ -148,14 +148,6 @@ class Compressor:
         except Exception as e:  # a codec or storage failure on this item only
             row.update(status="error", error=redact(f"{stages[-1]}: {type(e).__name__}: {e}"))
         return row
-
-    def source_stat(self, item: Item) -> tuple[int | None, str | None]:
-        try:
-            return source_stat(*open_fs(item.uri, self.config.storage_options))
-        except StorageUnavailable:
-            raise
-        except Exception:   # missing or unreadable: the read that follows says so in the row
-            return None, None
 
     def quality_map(self, item: Item, image: DecodedImage, row: dict[str, Any]) -> np.ndarray | None:
         """The item's quality map: its listing's PNG, else the job's generator or PNG folder; None without."""

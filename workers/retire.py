@@ -61,7 +61,8 @@ def retire_original(uri: str, relpath: str, row: dict[str, Any], run_id: str, re
 
 
 def retire_shard(items: Iterable[Item], rows: list[dict[str, Any]], run_id: str, retire_to: str | None,
-                 storage_options: dict[str, Any], out_fs, out_root: str, shard_index: int) -> int:
+                 storage_options: dict[str, Any], out_fs, out_root: str, shard_index: int,
+                 retry: bool = False) -> int:
     """Retire a committed shard's verified originals and commit their tombstones; returns how many.
 
     A failure on one original keeps it (it is retried by the next run's sweep) and does not
@@ -69,7 +70,7 @@ def retire_shard(items: Iterable[Item], rows: list[dict[str, Any]], run_id: str,
     tombstones an earlier attempt committed and adds the rest.
     """
     folder = f"{out_root}/{retired_dir(run_id)}"
-    tombs = committed_rows(out_fs, folder, shard_index) or []
+    tombs = (committed_rows(out_fs, folder, shard_index) or []) if retry else []
     done = {t["input_uri"] for t in tombs}
     for item, row in zip(items, rows):
         if not retirable(row) or row["input_uri"] in done:

@@ -131,6 +131,17 @@ def source_stat(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int | None, s
     return info.get("size"), version_from(info)
 
 
+def stat_input(url: str, storage_options: dict[str, Any] | None) -> tuple[int | None, str | None]:
+    """``source_stat`` of a URL, or (None, None) when it is missing or unreadable (the read that
+    follows says so in the item's row); an outage is raised, as everywhere."""
+    try:
+        return source_stat(*open_fs(url, storage_options))
+    except StorageUnavailable:
+        raise
+    except Exception:
+        return None, None
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing or the whole file.
 
