@@ -50,6 +50,7 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
     name = NAME
     extension = "ghr.rfic"
     spatial = True      # the workers pass a quality map to prepare()
+    refine = None       # latent refinement optimises one level per image, not a map (not yet)
 
     def __init__(self, *args, span: float = DEFAULT_SPAN, **kwargs):
         if isinstance(span, bool) or not isinstance(span, (int, float)) or not (0 <= span <= MAX_SPAN):

@@ -112,6 +112,22 @@ def search(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overh
     return out
 
 
+def aim(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overhead: int) -> float:
+    """The control value the search would settle on, found as cheaply as the codec allows.
+
+    For a rate target on a codec with an estimate, the value whose *estimated* size meets the
+    ceiling (no real encode); otherwise the full search's value. Latent refinement aims its
+    optimisation here, and the real search then runs again on the refined latents.
+    """
+    h, w = image.shape[:2]
+    ceiling = target.max_bytes(w * h)
+    if ceiling is not None and not codec.control.discrete and codec.estimate(prepared, codec.control.low) is not None:
+        budget = max(ceiling - overhead, 1)
+        u, _ = _solve_below(lambda x: codec.estimate(prepared, _value_of(codec, x)) / 8.0, budget, RATE_TOLERANCE)
+        return _value_of(codec, u)
+    return search(codec, prepared, image, target, overhead).value
+
+
 # ----------------------------------------------------------------------------- discrete
 
 def _first_true(evaluate: Callable[[int], tuple[bool, float]], n: int, threshold: float) -> int:

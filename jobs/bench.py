@@ -91,7 +91,8 @@ def _naive_loop(spec_json: str, output: str) -> list[dict[str, Any]]:
     spec = JobSpec.from_dict(json.loads(spec_json))
     worker = Compressor(CompressConfig(output=output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                                        target=spec.default_target(), storage_options=spec.storage_options,
-                                       max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim))
+                                       max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim,
+                                       refine_steps=spec.refine_steps))
     return [worker(item, 0, 1) for item in plan_items(spec)]
 
 

@@ -8,6 +8,10 @@ included), PSNR is on RGB over the whole image, MS-SSIM as in the manifests. Poi
 averaged over images per value. Outputs in ``--out``: ``points.json`` (per image and mean
 points), ``bd_rate.json`` (every codec against AVIF, WebP and JPEG where they were run),
 ``rd.png`` (PSNR and MS-SSIM against bpp), and a printed table.
+
+``--refine-steps N`` adds, for each codec with latent refinement, a curve named
+``<codec>+refine<N>``: the same values, with each image's latents refined for that value
+before encoding; its BD-rates include one against the codec's own plain curve.
 """
 
 from __future__ import annotations
@@ -52,7 +56,14 @@ def _init_worker(codec_options: dict[str, dict], threads: int) -> None:
         _codecs[name] = get_codec(name, **opts)
 
 
-def _evaluate_image(path: str, plan: dict[str, list[float]]) -> list[dict[str, Any]]:
+REFINED = "+refine"
+
+
+def refined_name(name: str, steps: int) -> str:
+    return f"{name}{REFINED}{steps}"
+
+
+def _evaluate_image(path: str, plan: dict[str, list[float]], refine_steps: int = 0) -> list[dict[str, Any]]:
     from ratefit.workers.read import decode_image
 
     image = decode_image(Path(path).read_bytes()).pixels
@@ -63,19 +74,22 @@ def _evaluate_image(path: str, plan: dict[str, list[float]]) -> list[dict[str, A
         t0 = time.perf_counter()
         prepared = codec.prepare(image)
         prep_s = time.perf_counter() - t0
-        for value in values:
-            t0 = time.perf_counter()
-            payload = codec.encode(prepared, value)
-            enc_s = time.perf_counter() - t0
-            blob = container.pack(name, payload, value=value, width=w, height=h,
-                                  weights_sha256=payload_weights_sha256(codec, payload))
-            t0 = time.perf_counter()
-            restored = codec.decode(payload, w, h, value)
-            dec_s = time.perf_counter() - t0
-            rows.append({"image": Path(path).name, "codec": name, "value": float(value),
-                         "bpp": len(blob) * 8 / (w * h), "psnr": psnr(image, restored),
-                         "ms_ssim": ms_ssim(image, restored), "encode_s": enc_s + prep_s / len(values),
-                         "decode_s": dec_s})
+        refine = getattr(codec, "refine", None) if refine_steps else None
+        for label, steps in ((name, 0),) + (((refined_name(name, refine_steps), refine_steps),) if refine else ()):
+            for value in values:
+                t0 = time.perf_counter()
+                coded = refine(prepared, image, value, steps) if steps else prepared
+                payload = codec.encode(coded, value)
+                enc_s = time.perf_counter() - t0
+                blob = container.pack(name, payload, value=value, width=w, height=h,
+                                      weights_sha256=payload_weights_sha256(codec, payload))
+                t0 = time.perf_counter()
+                restored = codec.decode(payload, w, h, value)
+                dec_s = time.perf_counter() - t0
+                rows.append({"image": Path(path).name, "codec": label, "value": float(value),
+                             "bpp": len(blob) * 8 / (w * h), "psnr": psnr(image, restored),
+                             "ms_ssim": ms_ssim(image, restored), "encode_s": enc_s + prep_s / len(values),
+                             "decode_s": dec_s})
     return rows
 
 
@@ -87,7 +101,8 @@ def values_for(name: str, codec: Any, override: dict[str, list[float]]) -> list[
     c = codec.control
     if c.discrete:
         return [float(v) for v in np.unique(np.round(np.linspace(c.low, c.high, CONTINUOUS_POINTS)))]
-    return [float(v) for v in np.linspace(c.low, c.high, CONTINUOUS_POINTS)]
+    low, high = getattr(codec, "sweep", (c.low, c.high))   # a codec may sweep less than its whole range
+    return [float(v) for v in np.linspace(low, high, CONTINUOUS_POINTS)]
 
 
 def mean_points(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, float]]]:
@@ -111,7 +126,8 @@ def bd_table(points: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, f
     table: dict[str, dict[str, float | None]] = {}
     for name, pts in points.items():
         table[name] = {}
-        for anchor in ANCHORS:
+        plain = name.partition(REFINED)[0]
+        for anchor in ANCHORS + ((plain,) if plain != name else ()):
             if anchor == name or anchor not in points:
                 continue
             a = points[anchor]
@@ -171,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         codec_options.setdefault(name, {}).update(json.loads(js))
     codec_options = {n: codec_options[n] for n in names}
     override = _parse_values(args.values)
+    refine_steps = getattr(args, "refine_steps", 0) or 0
     local = {n: get_codec(n, **codec_options[n]) for n in names}   # fails fast on bad names/options
     plan = {n: values_for(n, local[n], override) for n in names}
     workers = max(1, args.workers or os.cpu_count() or 1)
@@ -181,12 +198,13 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(codec_options, 1)) as pool:
-        for i, image_rows in enumerate(pool.map(_evaluate_image, files, [plan] * len(files)), 1):
+        for i, image_rows in enumerate(pool.map(_evaluate_image, files, [plan] * len(files),
+                                                [refine_steps] * len(files)), 1):
             rows.extend(image_rows)
             print(f"  {i}/{len(files)} images", end="\r" if sys.stdout.isatty() else "\n", flush=True)
     points = mean_points(rows)
     table = bd_table(points)
-    meta = {"dir": str(folder), "images": len(files), "codecs": {n: {"options": codec_options[n],
+    meta = {"dir": str(folder), "images": len(files), "refine_steps": refine_steps, "codecs": {n: {"options": codec_options[n],
             "weights_sha256": local[n].weights_sha256.hex() or None} for n in names},
             "seconds": time.perf_counter() - t0, "machine": platform.processor() or platform.machine(),
             "date": time.strftime("%Y-%m-%d"), "bpp": "stored ratefit container, header included",
@@ -203,10 +221,13 @@ def print_report(points: dict[str, list[dict[str, float]]], table: dict[str, dic
     for name, pts in points.items():
         print(f"{name}: " + "  ".join(f"{p['bpp']:.3f}/{p['psnr']:.2f}" for p in pts))
     anchors = [a for a in ANCHORS if a in points]
+    if any(REFINED in n for n in points):
+        anchors.append("plain")
     if anchors:
-        print(f"{'BD-rate (PSNR)':<18}" + "".join(f"{'vs ' + a:>10}" for a in anchors))
+        print(f"{'BD-rate (PSNR)':<28}" + "".join(f"{'vs ' + a:>10}" for a in anchors))
         for name, row in table.items():
-            print(f"{name:<18}" + "".join(f"{'' if row.get(a) is None else f'{row[a] * 100:+.1f}%':>10}"
+            row = dict(row, plain=row.get(name.partition(REFINED)[0]))
+            print(f"{name:<28}" + "".join(f"{'' if row.get(a) is None else f'{row[a] * 100:+.1f}%':>10}"
                                           for a in anchors))
 
 
@@ -219,3 +240,5 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="eval-output", help="folder for points.json, bd_rate.json, rd.png")
     p.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
     p.add_argument("--limit", type=int, default=0, help="first N images only")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="also evaluate codecs with latent refinement at this many steps (a '+refine<N>' curve)")

@@ -163,6 +163,7 @@ def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
     config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
                             target=spec.default_target(), storage_options=spec.storage_options,
                             max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap,
+                            refine_steps=spec.refine_steps,
                             manifest_dir=manifest_dir, run_id=run_id, retire=spec.retire_originals,
                             retire_to=spec.retire_to)
     shards = shard(plan_changes(items, seen, spec, delta, backlog, listed), spec.shard_size)

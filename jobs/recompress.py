@@ -98,6 +98,9 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qmap", help="quality map for spatial codecs (gain-hyperprior-roi): a generator "
                                   "(uniform, center, saliency, faces, text) or a folder of grayscale PNGs mirroring "
                                   "the input (a listing's qmap_uri column wins)")
+    p.add_argument("--refine-steps", type=int, help="learned codecs: optimise each image's latents for this many "
+                                                    "steps before the final rate search (slower encode, more quality "
+                                                    "per byte; the decoder is unchanged; default 0)")
     p.add_argument("--extensions", help="comma-separated input extensions (default: common image formats)")
     p.add_argument("--max-pixels", type=int, help="refuse inputs above this many pixels (checked before decoding)")
     p.add_argument("--no-ms-ssim", dest="ms_ssim", action="store_false", default=None,
@@ -113,7 +116,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress")
 
 

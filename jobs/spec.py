@@ -28,7 +28,8 @@ _HASHED = ("kind", "input", "codec", "codec_options", "target_bpp", "target_byte
            "extensions", "shard_size", "max_pixels", "ms_ssim")
 # Hashed only when set, so specs without a budget keep the hashes they had before budgets existed.
 _HASHED_IF_SET = {"weights": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr", "probes": None,
-                  "qmap": None}
+                  "qmap": None, "refine_steps": 0}
+MAX_REFINE_STEPS = 10_000
 OBJECTIVES = ("psnr", "mse")   # a budget job maximises mean PSNR over items, or minimises total squared error
 
 
@@ -63,6 +64,7 @@ class JobSpec:
     objective: str = "psnr"
     probes: int | None = None           # budget jobs: probe values per image (default by codec kind)
     qmap: str | None = None             # a quality-map generator name or a folder of PNG maps (spatial codecs)
+    refine_steps: int = 0               # latent refinement steps per image (learned codecs; 0 = off)
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     shard_size: int = 16
     workers: int | None = None         # actors; default: one per CPU (or per GPU for GPU codecs)
@@ -148,6 +150,12 @@ class JobSpec:
             raise SpecError("weights given twice (--weights and codec_options.weights) with different values")
         if self.qmap is not None:
             self._validate_qmap(budgets)
+        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) \
+                or not 0 <= self.refine_steps <= MAX_REFINE_STEPS:
+            raise SpecError(f"refine_steps: must be an integer within 0..{MAX_REFINE_STEPS}, got {self.refine_steps!r}")
+        if self.refine_steps and budgets:
+            raise SpecError("refine_steps: budget jobs do not refine latents yet (their probes price unrefined "
+                            "curves); give a per-item target instead")
         if self.retire_to is not None:
             if not isinstance(self.retire_to, str) or not self.retire_to.strip():
                 raise SpecError(f"retire_to: give a folder URL, got {self.retire_to!r}")

@@ -53,6 +53,19 @@ def test_bad_invocations_fail_with_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "unknown 'nope'" in proc.stderr
     proc = run(["compress", str(tmp_path / "missing"), str(tmp_path / "out"), "--target-bpp", "0.5"])
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run(["compress", str(tmp_path), str(tmp_path / "out"), "--target-bpp", "0.5", "--refine-steps", "-3"])
+    assert proc.returncode == 2 and "refine_steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_refine_steps_flag_reaches_the_spec(tmp_path):
+    import argparse
+
+    from ratefit.jobs.recompress import add_compress_arguments, spec_from_args
+
+    parser = argparse.ArgumentParser()
+    add_compress_arguments(parser)
+    args = parser.parse_args([str(tmp_path), str(tmp_path / "out"), "--target-bpp", "0.5", "--refine-steps", "25"])
+    assert spec_from_args(args).refine_steps == 25
 
 
 def test_compress_inspect_and_spec_file_with_flag_override(photo_dir, tmp_path):

@@ -7,6 +7,7 @@ import math
 from argparse import Namespace
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from ratefit.codecs.bdrate import bd_rate
@@ -41,3 +42,18 @@ def test_eval_writes_points_bd_rates_and_plot(samples_dir, tmp_path):
     table = json.loads((out / "bd_rate.json").read_text())
     assert table["webp"]["jpeg"] < 0 < table["jpeg"]["webp"]   # WebP beats JPEG on photos
     assert (out / "rd.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_adds_a_refined_curve_with_its_bd_rate_against_the_plain_one(samples_dir, tmp_path):
+    out = tmp_path / "eval"
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for name in ("astronaut.png", "coffee.png"):   # small crops keep refinement on the CPU short
+        Image.open(samples_dir / name).convert("RGB").crop((64, 64, 192, 192)).save(crops / name)
+    args = Namespace(dir=str(crops), codecs="gain-hyperprior", codec_options=["gain-hyperprior={\"device\": \"cpu\"}"],
+                     limit=0, workers=1, values=["gain-hyperprior=0.5,2,3.5,5"], out=str(out), refine_steps=12)
+    assert evaluate.run(args) == 0
+    data = json.loads((out / "points.json").read_text())
+    assert set(data["mean"]) == {"gain-hyperprior", "gain-hyperprior+refine12"} and data["meta"]["refine_steps"] == 12
+    table = json.loads((out / "bd_rate.json").read_text())
+    assert table["gain-hyperprior+refine12"]["gain-hyperprior"] < 0    # refinement saves bits at equal PSNR

@@ -55,22 +55,25 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("qmap", pa.string()),
     ("psnr_roi", pa.float64()),
     ("psnr_outside", pa.float64()),
+    # Latent refinement (--refine-steps): optimisation steps behind the coded latents (0 = none).
+    ("refine_steps", pa.int32()),
     # Incremental runs: the run that wrote the row, and the input's version when it was read
     # ("etag:<ETag>" on S3, "mtime:<ns>" on local disks): with input_bytes, what tells a later
     # run whether the input changed.
     ("run_id", pa.string()),
     ("source_version", pa.string()),
     # Where an item's time went (ms; ratefit bench sums them): fetch + decode of the input,
-    # the rate-independent analysis (prepare), cheap rate estimates during the search, real
-    # encodes (entropy coding included), the write, and verify + metrics.
+    # the rate-independent analysis (prepare), latent refinement, cheap rate estimates during
+    # the search, real encodes (entropy coding included), the write, and verify + metrics.
     ("read_ms", pa.float64()),
     ("analysis_ms", pa.float64()),
+    ("refine_ms", pa.float64()),
     ("search_ms", pa.float64()),
     ("entropy_ms", pa.float64()),
     ("write_ms", pa.float64()),
     ("metrics_ms", pa.float64()),
 ])
-STAGE_COLUMNS = ("read_ms", "analysis_ms", "search_ms", "entropy_ms", "write_ms", "metrics_ms")
+STAGE_COLUMNS = ("read_ms", "analysis_ms", "refine_ms", "search_ms", "entropy_ms", "write_ms", "metrics_ms")
 
 # A budget job's probe pass (``OUTPUT/_plan/probes/``): each image's R-D curve at a few
 # control values, predicted stored bytes and PSNR, in probe order.
