@@ -118,7 +118,7 @@ def test_kodak_learned_codec_rate_control_meets_targets(kodak_dir, tmp_path):
 
 
 def test_kodak_refined_rate_control_meets_targets_at_higher_psnr(kodak_dir, tmp_path):
-    """Issue 17's refinement under rate control, on the first 6 Kodak images (CPU time):
+    """Issue 17's refinement under rate control, on the first 4 Kodak images (CPU time):
     with ``refine_steps`` the ceiling still holds, the median error stays within 1%, the
     real encodes stay about one per item, the streams decode (``--verify``), and the mean
     PSNR is above the same job's without refinement."""
@@ -130,15 +130,15 @@ def test_kodak_refined_rate_control_meets_targets_at_higher_psnr(kodak_dir, tmp_
     if bundled_path(BUNDLED_WEIGHTS) is None:
         pytest.skip("no gain-hyperprior weights bundled")
     listing = tmp_path / "six.csv"
-    listing.write_text("uri\n" + "".join(f"{f}\n" for f in sorted(kodak_dir.glob("kodim*.png"))[:6]))
-    for target in (0.25, 1.0):
+    listing.write_text("uri\n" + "".join(f"{f}\n" for f in sorted(kodak_dir.glob("kodim*.png"))[:4]))
+    for target in (1.0,):   # 0.25 bpp measured too (README): +0.12 dB there
         means = {}
         for steps in (0, 30):
             out = tmp_path / f"r{steps}-{target}"
             recompress.run(JobSpec(input=str(listing), output=str(out), target_bpp=target, refine_steps=steps,
                                    shard_size=2, ms_ssim=False, verify=steps > 0))
             rows = ds.dataset(str(out / "_manifest"), format="parquet").to_table().to_pylist()
-            assert [r["status"] for r in rows] == ["ok"] * 6 and all(r["refine_steps"] == steps for r in rows)
+            assert [r["status"] for r in rows] == ["ok"] * 4 and all(r["refine_steps"] == steps for r in rows)
             bpps = [r["bpp"] for r in rows]
             assert max(bpps) <= target
             assert statistics.median(abs(b - target) / target for b in bpps) <= 0.01
