@@ -110,8 +110,8 @@ class GainHyperpriorCodec:
         self.model, self.weights_sha256, self.weights_metadata = load_model(url, self._device, storage_options)
         levels = self.model.config.levels
         self.control = ControlRange("level", -EXTRAPOLATE_BELOW, levels - 1 + EXTRAPOLATE_ABOVE, increasing=True)
-        # What fixed-value R-D sweeps (`ratefit eval`) span: the trained levels and one beyond
-        # each end. The far extrapolated ends serve targets that need them, at lower efficiency.
+        # What fixed-value R-D sweeps (`ratefit eval`, a budget job's probes) span: the trained
+        # levels and one beyond each end. The far extrapolated ends serve targets that need them.
         self.sweep = (-1.0, float(levels))
         self._lock = threading.Lock()   # the model's CDF tables and caches are shared state
 

@@ -30,16 +30,25 @@ class ProbePoint:
     exact: bool           # True when the size comes from a real encode
 
 
-def probe_values(control: ControlRange, count: int | None = None) -> list[float]:
+def probe_values(control: ControlRange, count: int | None = None,
+                 sweep: tuple[float, float] | None = None) -> list[float]:
     """``count`` control values spread evenly over the codec's range (integers for discrete codecs).
 
     Even spacing in the control value is roughly even in log-rate for the codecs here, which
     is where the curve bends; the ends are always included so the plan knows each image's range.
+    A codec whose range reaches far past where it is efficient names a narrower ``sweep``
+    (``gain-hyperprior``: its trained levels and one beyond): the ``count`` values spread over
+    that, and the range's two ends come on top, so the spacing where the plan allocates stays
+    as fine as before the range grew.
     """
     count = count or (DEFAULT_PROBES_DISCRETE if control.discrete else DEFAULT_PROBES_CONTINUOUS)
     if count < 2:
         raise ValueError(f"need at least 2 probes per image, got {count}")
-    values = np.linspace(control.low, control.high, count)
+    if sweep is not None and not control.discrete:
+        inner = np.linspace(max(sweep[0], control.low), min(sweep[1], control.high), count)
+        values = np.unique(np.concatenate([[control.low], inner, [control.high]]))
+    else:
+        values = np.linspace(control.low, control.high, count)
     if control.discrete:
         values = np.unique(np.round(values))
     return [float(v) for v in values]

@@ -56,3 +56,15 @@ def test_bad_tables_are_refused():
 def test_planner_benchmark_runs(capsys):
     assert bench_main(["--items", "2000", "--probes", "6"]) == 0
     assert "2000 items x 6 probes" in capsys.readouterr().out
+
+
+def test_probe_values_spread_over_the_sweep_and_keep_the_range_ends():
+    from ratefit.codecs.base import ControlRange
+    from ratefit.codecs.probe import probe_values
+
+    wide = ControlRange("level", -5.0, 10.0)
+    assert probe_values(wide, 4) == [-5.0, 0.0, 5.0, 10.0]
+    values = probe_values(wide, 10, sweep=(-1.0, 8.0))
+    assert values == [-5.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0]
+    quality = ControlRange("quality", 0, 100, discrete=True)
+    assert probe_values(quality, 3, sweep=(10, 20)) == [0.0, 50.0, 100.0]   # discrete codecs ignore it

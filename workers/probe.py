@@ -40,7 +40,7 @@ class Prober:
     def __init__(self, config: ProbeConfig):
         self.config = config
         self.codec = get_codec(config.codec, **config.codec_options)
-        self.values = probe_values(self.codec.control, config.probes)
+        self.values = probe_values(self.codec.control, config.probes, getattr(self.codec, "sweep", None))
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
 
     def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
