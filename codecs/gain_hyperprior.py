@@ -162,7 +162,7 @@ class GainHyperpriorCodec:
             return prepared
         x = pad_to_multiple(self._to_tensor(image))
         with self._lock:
-            y, dz = refine_latents(self.model, x, prepared.y.clone(), value, steps, prepared.height,
+            y, dz = refine_latents(self.model, x, prepared.y, value, steps, prepared.height,
                                    prepared.width, self.tile or DEFAULT_TILE)
         return Prepared(y=y, width=prepared.width, height=prepared.height, dz=dz, refine_steps=steps)
 

@@ -16,6 +16,7 @@ ceiling. The search assumes rate and quality grow monotonically with the control
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -121,9 +122,9 @@ def aim(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overhead
     """
     h, w = image.shape[:2]
     ceiling = target.max_bytes(w * h)
-    if ceiling is not None and not codec.control.discrete and codec.estimate(prepared, codec.control.low) is not None:
-        budget = max(ceiling - overhead, 1)
-        u, _ = _solve_below(lambda x: codec.estimate(prepared, _value_of(codec, x)) / 8.0, budget, RATE_TOLERANCE)
+    estimate = functools.cache(lambda u: codec.estimate(prepared, _value_of(codec, u)))
+    if ceiling is not None and not codec.control.discrete and estimate(0.0) is not None:
+        u, _ = _solve_below(lambda x: estimate(x) / 8.0, max(ceiling - overhead, 1), RATE_TOLERANCE)
         return _value_of(codec, u)
     return search(codec, prepared, image, target, overhead).value
 

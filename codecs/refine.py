@@ -25,8 +25,6 @@ its halo taken from the current latents.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ratefit.codecs.gained import LATENT_STRIDE, GainedHyperprior
@@ -40,11 +38,9 @@ CHECKS = 4                     # times per window the hard-rounded objective is 
 
 
 def lambda_at(model: GainedHyperprior, v: float) -> float:
-    """The training λ at real level ``v``: log-linear between levels, the end segments extended."""
-    logs = [math.log(x) for x in model.config.lambdas]
-    lo = min(max(int(math.floor(v)), 0), len(logs) - 2)
-    t = v - lo
-    return math.exp(logs[lo] * (1 - t) + logs[lo + 1] * t)
+    """The training λ at real level ``v``, interpolated as the gains are (log-linear, ends extended)."""
+    logs = torch.tensor(model.config.lambdas, dtype=torch.float64).log()[:, None]
+    return float(model._interpolate(logs, torch.tensor([float(v)], dtype=torch.float64)))
 
 
 def sga_round(u: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -98,7 +94,7 @@ def refine_latents(model: GainedHyperprior, x: torch.Tensor, y: torch.Tensor, v:
     vv = torch.tensor([float(v)], device=device)
     with torch.no_grad():
         g = {k: t.float() for k, t in model.gains(vv).items()}
-        y_g = (y.float() * g["gain"]).clone()
+        y_g = y.float() * g["gain"]   # a new tensor: the caller's y is never written
         z_g = model.h_a(y_g) * g["hgain"]
     if steps <= 0:
         return y, torch.zeros_like(z_g).to(y.dtype)

@@ -41,10 +41,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ratefit.codecs.gain_hyperprior import export_weights, load_model
+from ratefit.codecs.gain_hyperprior import export_weights, load_model, resolve_device
 from ratefit.codecs.gained import GainedHyperprior, ModelConfig, geometric_lambdas, pad_to_multiple
-from ratefit.jobs.train_fast import (EMA, make_batches, make_loss, make_optimizers, make_step, prepare_model,
-                                     reference_optimizers)
+from ratefit.jobs.train_fast import EMA, make_batches, make_loss, make_optimizers, make_step, prepare_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"   # ../shared/data beside the repo
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -265,7 +264,7 @@ def _atomic_save(obj, path: Path) -> None:
 def train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(args)
+    device = resolve_device(args.device)
     path, bf16 = _path(args, device)
     ckpt_path = out / "checkpoint.pt"
     resumed = ckpt_path.exists() and not args.fresh
@@ -295,8 +294,7 @@ def train(args: argparse.Namespace) -> int:
     model = prepare_model(model, path, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True   # fixed crop size: let cuDNN pick the fastest convolutions
-    opt, aux_opt = (make_optimizers(model, plan.lr_peak, args.aux_lr, fused=device.type == "cuda")
-                    if path == "fast" else reference_optimizers(model, plan.lr_peak, args.aux_lr))
+    opt, aux_opt = make_optimizers(model, path, plan.lr_peak, args.aux_lr, device)
     ema = EMA(model, args.ema_decay) if args.ema_decay > 0 else None
     lambdas = torch.tensor(config.lambdas, device=device)
 
@@ -314,12 +312,16 @@ def train(args: argparse.Namespace) -> int:
         eval_images = load_images(eval_files[: args.eval_limit or None], 1)
 
     step, crops_done, seconds_before, lr_scale = 0, 0, 0.0, 1.0
-    if resumed:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
-        aux_opt.load_state_dict(ckpt["aux_opt"])
+    def restore(state: dict) -> None:
+        """Network, EMA and both optimisers from a checkpoint (one from before the EMA: the network)."""
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        aux_opt.load_state_dict(state["aux_opt"])
         if ema is not None:
-            ema.load_state_dict(ckpt.get("ema") or ckpt["model"])   # checkpoints from before the EMA
+            ema.load_state_dict(state.get("ema") or state["model"])
+
+    if resumed:
+        restore(ckpt)
         step, crops_done = int(ckpt["step"]), int(ckpt.get("crops", ckpt["step"] * args.batch_size))
         seconds_before = float(ckpt.get("seconds", ckpt.get("hours", 0.0) * 3600))
         lr_scale = float(ckpt.get("lr_scale", 1.0))
@@ -383,11 +385,7 @@ def train(args: argparse.Namespace) -> int:
             if not math.isfinite(row["loss"]) and ckpt_path.exists():
                 # Diverged: go back to the last checkpoint (saved only while finite) at half the rate.
                 state = torch.load(ckpt_path, map_location=device, weights_only=False)
-                model.load_state_dict(state["model"])
-                if ema is not None and state.get("ema"):
-                    ema.load_state_dict(state["ema"])
-                opt.load_state_dict(state["opt"])
-                aux_opt.load_state_dict(state["aux_opt"])
+                restore(state)
                 step, crops_done, lr_scale = int(state["step"]), int(state.get("crops", 0)), lr_scale / 2
                 print(f"loss is not finite; back to step {step}, learning rate now {lr_scale:g}× the schedule's",
                       flush=True)
@@ -430,16 +428,15 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(args: argparse.Namespace) -> torch.device:
-    return torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+def _bf16(args: argparse.Namespace, device: torch.device) -> bool:
+    """``--bf16``, where auto means on CUDA only (CPUs without bf16 matrix units run it slower)."""
+    return {"on": True, "off": False}.get(args.bf16, device.type == "cuda")
 
 
 def _path(args: argparse.Namespace, device: torch.device) -> tuple[str, bool]:
-    """(path, bf16): ``fast`` unless asked otherwise; bf16 on CUDA only unless asked (CPUs
-    without bf16 matrix units run it slower than float32)."""
+    """(path, bf16): ``fast`` unless asked otherwise; bf16 on the fast path only."""
     path = "fast" if args.path == "auto" else args.path
-    bf16 = {"on": True, "off": False}.get(args.bf16, device.type == "cuda") and path == "fast"
-    return path, bf16
+    return path, _bf16(args, device) and path == "fast"
 
 
 # ------------------------------------------------------------------ the throughput probe
@@ -453,11 +450,10 @@ def _probe_one(name: str, args: argparse.Namespace, images: list[torch.Tensor], 
     """Warm up, then time one variant's steps (clock read after a device sync about once a second)."""
     path, bf16, compile_ = PROBE_VARIANTS[name]
     if bf16 is None:   # the variant follows --bf16
-        bf16 = {"on": True, "off": False}.get(args.bf16, device.type == "cuda")
+        bf16 = _bf16(args, device)
     torch.manual_seed(args.seed)
     model = prepare_model(GainedHyperprior(config), path, device).train()
-    opt, aux_opt = (make_optimizers(model, 1e-4, args.aux_lr, fused=device.type == "cuda") if path == "fast"
-                    else reference_optimizers(model, 1e-4, args.aux_lr))
+    opt, aux_opt = make_optimizers(model, path, 1e-4, args.aux_lr, device)
     ema = EMA(model, args.ema_decay) if path == "fast" and args.ema_decay > 0 else None
     batches, _, _ = make_batches(path, images, args.batch_size, args.crop, config.levels, device, args.seed)
     lambdas = torch.tensor(config.lambdas, device=device)
@@ -490,7 +486,7 @@ def _probe_one(name: str, args: argparse.Namespace, images: list[torch.Tensor], 
 def throughput_probe(args: argparse.Namespace) -> int:
     """Crops/s of training steps of each variant in ``--probe-paths`` on this device, printed
     (and written to OUT/throughput.json with ``--out``): what a lent GPU measures first."""
-    device = _device(args)
+    device = resolve_device(args.device)
     names = [v.strip() for v in args.probe_paths.split(",") if v.strip()]
     unknown = [v for v in names if v not in PROBE_VARIANTS]
     if unknown:

@@ -181,24 +181,17 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-def make_optimizers(model: GainedHyperprior, lr: float, aux_lr: float, fused: bool
+def make_optimizers(model: GainedHyperprior, path: str, lr: float, aux_lr: float, device: torch.device
                     ) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """Adam on the network and a separate Adam on the entropy bottleneck's quantiles (aux loss).
 
-    ``fused`` (CUDA): one kernel updates all parameters; otherwise the foreach implementation.
+    The fast path's are fused on CUDA (one kernel updates all parameters), foreach elsewhere;
+    the reference loop keeps PyTorch's default Adam, as it always had.
     """
     aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
     net = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    kind = {"fused": True} if fused else {"foreach": True}
+    kind = {} if path == "reference" else {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.Adam(net, lr=lr, **kind), torch.optim.Adam(aux, lr=aux_lr, **kind)
-
-
-def reference_optimizers(model: GainedHyperprior, lr: float, aux_lr: float
-                         ) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """The reference loop's optimisers, as they always were (PyTorch's default Adam)."""
-    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    net = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    return torch.optim.Adam(net, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
 
 
 # ------------------------------------------------------------------ one training step, both paths
