@@ -34,8 +34,7 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None,
-            runtime_env: dict[str, Any] | None = None) -> bool:
+def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     """Make sure this process is connected to Ray; return True if this call started it.
 
     ``address`` may be ``auto``, ``HOST:PORT`` or ``ray://HOST:10001``. With no address and
@@ -47,8 +46,6 @@ def connect(address: str | None = None, *, num_cpus: int | None = None,
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
-    if runtime_env:
-        kwargs["runtime_env"] = runtime_env
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, **kwargs)
     else:

@@ -36,13 +36,31 @@ class ControlRange:
         value = min(max(value, self.low), self.high)
         return float(round(value)) if self.discrete else float(value)
 
-    @property
-    def lowest_rate(self) -> float:
-        return self.low if self.increasing else self.high
 
-    @property
-    def highest_rate(self) -> float:
-        return self.high if self.increasing else self.low
+@dataclass(frozen=True)
+class Capabilities:
+    """What a codec can do beyond the ``Codec`` protocol, declared by the codec (a class or
+    instance attribute ``capabilities``) rather than discovered: the workers, rate control,
+    budgets and eval read it through ``capabilities_of``. A codec that declares nothing (a
+    classical codec, a plugin) has none of them.
+    """
+
+    spatial: bool = False              # prepare(image, qmap) takes a per-pixel quality map in [0, 1]
+    reconstruct: bool = False          # reconstruct(prepared, value): the decoder's picture, no entropy coding
+    refine: bool = False               # refine(prepared, image, value, steps): latent refinement
+    tiles: bool = False                # a settable ``tile`` (pixels): out-of-memory retries shrink it
+    per_payload_weights: bool = False  # weights_sha256_of(payload): one network per quality, named per payload
+    sweep: tuple[float, float] | None = None   # where fixed-value R-D sweeps spread (default: the whole range)
+    preferred_device: str | None = None        # where it wants to run (default: its ``device``)
+
+
+NONE = Capabilities()
+
+
+def capabilities_of(codec: Any) -> Capabilities:
+    """A codec's (or a codec factory's) declared capabilities."""
+    declared = getattr(codec, "capabilities", None)
+    return declared if isinstance(declared, Capabilities) else NONE
 
 
 @runtime_checkable
@@ -75,9 +93,10 @@ def payload_weights_sha256(codec: Codec, payload: bytes) -> bytes:
     """The weights identity a container of ``payload`` carries.
 
     Most codecs have one set of weights (``weights_sha256``). A codec holding one network
-    per quality (CompressAI's fixed-rate zoo models) names, per payload, the network that
-    wrote it, through ``weights_sha256_of(payload)``: a decoder then refuses a container
-    unless it holds that very network.
+    per quality (CompressAI's fixed-rate zoo models, ``per_payload_weights``) names, per
+    payload, the network that wrote it, through ``weights_sha256_of(payload)``: a decoder then
+    refuses a container unless it holds that very network.
     """
-    of = getattr(codec, "weights_sha256_of", None)
-    return of(payload) if of is not None else codec.weights_sha256
+    if capabilities_of(codec).per_payload_weights:
+        return codec.weights_sha256_of(payload)
+    return codec.weights_sha256

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from ratefit.codecs.base import CodecError, ControlRange
+from ratefit.codecs.base import Capabilities, CodecError, ControlRange
 from ratefit.codecs.gained import (EXTRAPOLATE_ABOVE, EXTRAPOLATE_BELOW, PAD_MULTIPLE, GainedHyperprior, ModelConfig, pad_to_multiple,
                                    z_shape_for)
 from ratefit.codecs.refine import refine_latents
-from ratefit.codecs.registry import register
-from ratefit.codecs.weights import WeightsError, bundled_path, read_weights, weights_bytes
+from ratefit.codecs.weights import (FILE, WeightsError, WeightsFile, bundled_weights, parse_weights, refuse_url,
+                                    weights_bytes)
 
 NAME = "gain-hyperprior"
 BUNDLED_WEIGHTS = "gain-hyperprior.safetensors"
@@ -46,15 +45,17 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(url: str, device: torch.device, storage_options: dict[str, Any] | None = None
-               ) -> tuple[GainedHyperprior, bytes, dict[str, str]]:
-    """The model in ``url`` on ``device`` (eval mode), its SHA-256 and the file's metadata."""
-    tensors, config, sha, meta = read_weights(url, storage_options)
+def load_model(weights: WeightsFile, device: torch.device) -> tuple[GainedHyperprior, bytes, dict[str, str]]:
+    """The model in ``weights`` on ``device`` (eval mode), its SHA-256 and the file's metadata.
+
+    ``ratefit.workers.codec_loader.read_weights_file`` reads one from a URL.
+    """
+    tensors, config, sha, meta = parse_weights(weights)
     model = GainedHyperprior(ModelConfig.from_dict(config))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
-        raise WeightsError(f"{url}: weights do not fit the model they describe: {e}") from e
+        raise WeightsError(f"{weights.name}: weights do not fit the model they describe: {e}") from e
     model.eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -87,17 +88,26 @@ class Prepared:
 
 
 class GainHyperpriorCodec:
-    """One loaded model on one device; ``weights`` is any fsspec URL (default: the bundled file)."""
+    """One loaded model on one device; ``weights`` is a weights file's bytes (default: the bundled file).
+
+    Build it with ``ratefit.workers.codec_loader.load_codec`` to give ``weights`` as a URL.
+    """
 
     name = NAME
     extension = "ghp.rfic"
     speed = "fast"
-    preferred_device = "cuda"   # the runner asks for a GPU per actor when the cluster has one
+    # A GPU per actor when the cluster has one; rate estimates and decoder-free reconstructions
+    # (search, budget probes), latent refinement, tiles for bounded memory.
+    capabilities = Capabilities(reconstruct=True, refine=True, tiles=True, preferred_device="cuda")
+    weights_input = FILE        # what the loader turns a ``weights`` URL into
 
-    def __init__(self, weights: str | None = None, device: str = "auto", threads: int | None = None,
-                 storage_options: dict[str, Any] | None = None, tile: int = DEFAULT_TILE):
-        url = weights or bundled_path(BUNDLED_WEIGHTS)
-        if url is None:
+    def __init__(self, weights: WeightsFile | bytes | None = None, device: str = "auto", threads: int | None = None,
+                 tile: int = DEFAULT_TILE):
+        refuse_url(self.name, weights)
+        if isinstance(weights, (bytes, bytearray)):
+            weights = WeightsFile(bytes(weights), "weights given as bytes")
+        weights = weights or bundled_weights(BUNDLED_WEIGHTS)
+        if weights is None:
             raise CodecError(f"{NAME}: no weights bundled with this install; pass "
                              f"--codec-options '{{\"weights\": \"PATH\"}}' (train them with `ratefit train`)")
         if not isinstance(tile, int) or isinstance(tile, bool) or tile < 0 or tile % PAD_MULTIPLE:
@@ -107,12 +117,12 @@ class GainHyperpriorCodec:
         if threads:
             torch.set_num_threads(int(threads))
         self._device = resolve_device(device)
-        self.model, self.weights_sha256, self.weights_metadata = load_model(url, self._device, storage_options)
+        self.model, self.weights_sha256, self.weights_metadata = load_model(weights, self._device)
         levels = self.model.config.levels
         self.control = ControlRange("level", -EXTRAPOLATE_BELOW, levels - 1 + EXTRAPOLATE_ABOVE, increasing=True)
         # What fixed-value R-D sweeps (`ratefit eval`, a budget job's probes) span: the trained
         # levels and one beyond each end. The far extrapolated ends serve targets that need them.
-        self.sweep = (-1.0, float(levels))
+        self.capabilities = replace(type(self).capabilities, sweep=(-1.0, float(levels)))
         self._lock = threading.Lock()   # the model's CDF tables and caches are shared state
 
     @property
@@ -212,4 +222,4 @@ def _to_pixels(x_hat: torch.Tensor, width: int, height: int) -> np.ndarray:
     return x_hat.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-register(NAME, GainHyperpriorCodec)
+CODECS = {NAME: GainHyperpriorCodec}   # named in registry._BUILTIN

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -30,7 +30,6 @@ from ratefit.codecs import qmap as qmaps
 from ratefit.codecs.base import CodecError
 from ratefit.codecs.gain_hyperprior import _LEN, GainHyperpriorCodec, Prepared, _to_pixels
 from ratefit.codecs.gained import PAD_MULTIPLE
-from ratefit.codecs.registry import register
 
 NAME = "gain-hyperprior-roi"
 DEFAULT_SPAN = 3.0     # rate levels between q = 1 and q = 0 (each level halves λ)
@@ -49,8 +48,10 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
 
     name = NAME
     extension = "ghr.rfic"
-    spatial = True      # the workers pass a quality map to prepare()
-    refine = None       # latent refinement optimises one level per image, not a map (not yet)
+    # The workers pass a quality map to prepare(); latent refinement optimises one level per
+    # image, not a map (not yet), so it is not declared (and the inherited method is hidden).
+    capabilities = replace(GainHyperpriorCodec.capabilities, spatial=True, refine=False)
+    refine = None
 
     def __init__(self, *args, span: float = DEFAULT_SPAN, **kwargs):
         if isinstance(span, bool) or not isinstance(span, (int, float)) or not (0 <= span <= MAX_SPAN):
@@ -118,4 +119,4 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
         return self._decode_streams(payload[used:], width, height, value, field)
 
 
-register(NAME, GainHyperpriorRoiCodec)
+CODECS = {NAME: GainHyperpriorRoiCodec}   # named in registry._BUILTIN

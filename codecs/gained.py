@@ -15,6 +15,17 @@ hyper-synthesis ``h_s``, scales and means) runs in float64 at inference, because
 differences between a GPU and a CPU flip scale-table indexes about once per image, and a
 flipped index desynchronises the rANS decoder. The CDF tables are built once (on CPU, when
 the weights are exported) and shipped with the weights.
+
+Why not CompressAI's ``latent_codecs.GainHyperpriorLatentCodec`` (with
+``GainHyperLatentCodec``), which implements the same paper: it is a different network and
+a float32 coding path. Its hyper branch runs ``h_a`` on the un-gained ``y`` (here ``h_a``
+sees ``y`` after its gain, which is what these weights were trained with), and it runs
+``h_s``, the scales, the means and the index lookup inside its own modules in the model's
+dtype on the model's device, with no place to put the float64 copy of ``h_s`` nor the
+per-position level map, the extrapolated levels, the tiling and ``estimate_bits``' pricing
+from the coder's own tables. Adopting it would change the bitstreams of the shipped weights
+and give up the guarantee that a GPU's stream decodes on a CPU; the parts of CompressAI used
+here are its public entropy models, their ``compress``/``decompress`` and their tables.
 """
 
 from __future__ import annotations
@@ -233,7 +244,11 @@ class GainedHyperprior(CompressionModel):
                 + 2 * 8 * STREAM_FLUSH_BYTES)
 
     def _quantize_z(self, z_g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z's symbols and dequantised values, rounded around the medians as the coder does."""
+        """z's symbols and dequantised values, rounded around the medians as the coder does.
+
+        ``_get_medians`` is private, but CompressAI 1.2.8 has no public accessor for the
+        medians and its own ``compress``/``decompress`` round around exactly these.
+        """
         medians = self.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
         z_sym = torch.round(z_g - medians)
         return z_sym.long(), z_sym + medians
@@ -241,7 +256,7 @@ class GainedHyperprior(CompressionModel):
     def _coder_tables(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         key = "y" if model is self.gaussian_conditional else "z"
         if key not in self._tables:
-            self._tables[key] = coder_tables(model._quantized_cdf, model._offset, model._cdf_length)
+            self._tables[key] = coder_tables(model)
         return self._tables[key]
 
     def compress_latent(self, y: torch.Tensor, v: float, level_map: torch.Tensor | None = None,
@@ -291,10 +306,15 @@ class GainedHyperprior(CompressionModel):
         self.invalidate_caches()
 
 
-def coder_tables(cdf: torch.Tensor, offset: torch.Tensor, cdf_length: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """An entropy model's quantised CDFs, offsets and escape positions as ``coded_bits`` takes them."""
-    return cdf.long(), offset.long().to(cdf.device), cdf_length.long().to(cdf.device) - 2
+def coder_tables(entropy_model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An entropy model's quantised CDFs, offsets and escape positions as ``coded_bits`` takes them.
+
+    Read through CompressAI's public ``quantized_cdf``, ``offset`` and ``cdf_length`` (of an
+    EntropyBottleneck, GaussianConditional or their VBR variants); the buffers behind them
+    (``_quantized_cdf`` …) are only named where checkpoints are loaded, as state-dict keys.
+    """
+    cdf = entropy_model.quantized_cdf
+    return cdf.long(), entropy_model.offset.long().to(cdf.device), entropy_model.cdf_length.long().to(cdf.device) - 2
 
 
 def coded_bits_by_channel(symbols: Callable[[slice], torch.Tensor], indexes: torch.Tensor,

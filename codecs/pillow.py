@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ratefit.codecs.base import CodecError, ControlRange
-from ratefit.codecs.registry import register
+from ratefit.codecs.base import Capabilities, CodecError, ControlRange
 
 
 @dataclass
@@ -77,6 +76,7 @@ def avif(**options) -> PillowCodec:
     return PillowCodec("avif", "AVIF", "avif.rfic", save_options=opts, speed="medium")
 
 
-register("jpeg", jpeg)
-register("webp", webp)
-register("avif", avif)
+for _factory in (jpeg, webp, avif):   # declared on the factories, so a driver asks without building one
+    _factory.capabilities = Capabilities(preferred_device="cpu")   # type: ignore[attr-defined]
+
+CODECS = {"jpeg": jpeg, "webp": webp, "avif": avif}   # named in registry._BUILTIN

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ratefit.codecs.base import Codec, ControlRange
+from ratefit.codecs.base import Codec, ControlRange, capabilities_of
 from ratefit.codecs.metrics import psnr
 
 DEFAULT_PROBES_CONTINUOUS = 10
@@ -56,10 +56,9 @@ def probe_values(control: ControlRange, count: int | None = None,
 
 def probe(codec: Codec, prepared: Any, image: np.ndarray, value: float, overhead: int) -> ProbePoint:
     """Size and PSNR of ``image`` at ``value``; ``overhead`` is the container header size."""
-    reconstruct = getattr(codec, "reconstruct", None)
-    bits = codec.estimate(prepared, value) if reconstruct is not None else None
+    bits = codec.estimate(prepared, value) if capabilities_of(codec).reconstruct else None
     if bits is not None:
-        rec = reconstruct(prepared, value)
+        rec = codec.reconstruct(prepared, value)
         return ProbePoint(value, math.ceil(bits / 8.0) + overhead, _finite_psnr(image, rec), exact=False)
     payload = codec.encode(prepared, value)
     h, w = image.shape[:2]

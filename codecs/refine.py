@@ -161,6 +161,8 @@ def _objective(model: GainedHyperprior, target: torch.Tensor, mask: torch.Tensor
     scales, means = params.chunk(2, 1)
     y_t = sga_round(yw - means, tau, generator) + means
     gc, eb = model.gaussian_conditional, model.entropy_bottleneck
+    # The private ``_likelihood``s: the public ``forward`` quantises its input again (noise
+    # or hard rounding), which would undo the SGA-rounded latents and their gradients.
     y_lik = gc.likelihood_lower_bound(gc._likelihood(y_t, scales, means))
     c = z_t.shape[1]
     z_lik, _, _ = eb._likelihood(z_t.permute(1, 0, 2, 3).reshape(c, 1, -1))

@@ -33,21 +33,20 @@ import copy
 import math
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ratefit.codecs.base import CodecError, ControlRange
+from ratefit.codecs.base import Capabilities, CodecError, ControlRange
 from ratefit.codecs.gain_hyperprior import DEFAULT_TILE, _guarded, _to_pixels, resolve_device
 from ratefit.codecs.gained import (HYPER_HALO, HYPER_TILE, HYPER_UP, LATENT_STRIDE, PAD_MULTIPLE,
                                    STREAM_FLUSH_BYTES, TILE_HALO, coded_bits, coded_bits_by_channel, coder_tables,
                                    pad_to_multiple, run_tiled, z_shape_for)
-from ratefit.codecs.registry import register
-from ratefit.codecs.weights import WeightsError
-from ratefit.codecs.zoo_weights import Source, cached, find_sources, load_state_dict, read_source, sha256
+from ratefit.codecs.weights import CHECKPOINTS, WeightsError, refuse_url
+from ratefit.codecs.zoo_weights import Source, cached, load_state_dict, sha256
 
 PREFIX = "compressai:"
 BOTTOM_STEP = 3.0      # Δ reached at v = 0 on the lowest network
@@ -94,7 +93,7 @@ def build_model(zoo_name: str, state: dict[str, torch.Tensor], what: str) -> nn.
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
         raise WeightsError(f"{what} does not fit {PREFIX}{zoo_name} ({spec.architecture}): "
                            f"{' '.join(str(e).split())[:400]}") from None
-    if model.entropy_bottleneck._offset.numel() == 0 or model.gaussian_conditional._offset.numel() == 0:
+    if model.entropy_bottleneck.offset.numel() == 0 or model.gaussian_conditional.offset.numel() == 0:
         model.update(force=True)   # a checkpoint saved before update(): build the tables here, on CPU
     return model.eval()
 
@@ -110,6 +109,7 @@ def _vbr_from_state_dict(cls: Any, state: dict[str, torch.Tensor]) -> nn.Module:
     state.pop("QuantOffset", None)
     model = cls(state["g_a.0.weight"].size(0), state["g_a.6.weight"].size(0),
                 vr_entbttlnck=any(k.startswith("gayn2zqstep.") for k in state))
+    # The buffers' own names: they are the checkpoint's state-dict keys (CompressAI's format).
     update_registered_buffers(model.entropy_bottleneck, "entropy_bottleneck",
                               ["_quantized_cdf", "_offset", "_cdf_length"], state)
     model.load_state_dict(state)
@@ -129,8 +129,7 @@ class HyperNet:
         self.h_s64 = copy.deepcopy(self.model.h_s).double().eval()
         self.h_s_channels = (2 if means else 1) * int(self.model.M)
         gc, eb = self.model.gaussian_conditional, self.model.entropy_bottleneck
-        self.y_tables = coder_tables(gc._quantized_cdf, gc._offset, gc._cdf_length)
-        self.z_tables = coder_tables(eb._quantized_cdf, eb._offset, eb._cdf_length)
+        self.y_tables, self.z_tables = coder_tables(gc), coder_tables(eb)
         self.device = device
 
     def analyse(self, x: torch.Tensor, tile: int) -> torch.Tensor:
@@ -203,12 +202,12 @@ class _ZooCodecBase:
 
     extension: str
     speed = "fast"
-    preferred_device = "cuda"
+    capabilities = Capabilities(tiles=True, preferred_device="cuda")
 
-    def __init__(self, zoo_name: str, weights: str | None, device: str, storage_options: dict[str, Any] | None,
-                 tile: int, threads: int | None):
+    def __init__(self, zoo_name: str, weights: list[Source] | None, device: str, tile: int, threads: int | None):
         self.zoo_name, self.spec, self.name = zoo_name, ZOO[zoo_name], PREFIX + zoo_name
         self.extension = f"{zoo_name}.rfic"
+        refuse_url(self.name, weights)
         if not weights:
             raise CodecError(f"{self.name} needs weights: --weights FILE_OR_FOLDER (a local path, s3://… or "
                              f"https://…, CompressAI's checkpoint format), or --weights zoo to download "
@@ -219,10 +218,13 @@ class _ZooCodecBase:
         if threads:
             torch.set_num_threads(int(threads))
         self.tile = tile
-        self._device = resolve_device("cpu" if device == "auto" and self.preferred_device == "cpu" else device)
-        self._storage_options = storage_options or {}
+        self._device = resolve_device("cpu" if device == "auto" and self.capabilities.preferred_device == "cpu"
+                                      else device)
+        if not all(isinstance(s, Source) for s in weights):
+            raise CodecError(f"{self.name}: weights must be a list of zoo_weights.Source (build the codec with "
+                             f"ratefit.workers.codec_loader.load_codec to give a file, folder or `zoo`)")
         self._lock = threading.RLock()
-        self.sources: list[Source] = find_sources(zoo_name, weights, self.spec.qualities, self._storage_options)
+        self.sources: list[Source] = sorted(weights, key=lambda s: s.quality)
         self._by_quality = {s.quality: s for s in self.sources}
         self._loaded: dict[int, Any] = {}
 
@@ -231,7 +233,7 @@ class _ZooCodecBase:
         return self._device.type
 
     def _load(self, source: Source) -> tuple[nn.Module, bytes]:
-        data = read_source(source, self._storage_options)
+        data = source.read()
         state = load_state_dict(data, source.label)
         return build_model(self.zoo_name, state, source.label), sha256(data)
 
@@ -257,6 +259,8 @@ class _ZooCodecBase:
 
 class _OneNetworkPerQuality(_ZooCodecBase):
     """Codecs holding one network per zoo quality; a payload's first byte names its network."""
+
+    capabilities = replace(_ZooCodecBase.capabilities, per_payload_weights=True)
 
     def weights_sha256_of(self, payload: bytes) -> bytes:
         """The SHA-256 of the network that wrote ``payload`` (loading it if needed)."""
@@ -290,9 +294,11 @@ class FixedPrepared:
 class ZooFixedRateCodec(_OneNetworkPerQuality):
     """A set of fixed-rate hyperprior networks with a continuous quantisation step between them."""
 
-    def __init__(self, zoo_name: str, weights: str | None = None, device: str = "auto", threads: int | None = None,
-                 storage_options: dict[str, Any] | None = None, tile: int = DEFAULT_TILE):
-        super().__init__(zoo_name, weights, device, storage_options, tile, threads)
+    capabilities = replace(_OneNetworkPerQuality.capabilities, reconstruct=True)
+
+    def __init__(self, zoo_name: str, weights: list[Source] | None = None, device: str = "auto",
+                 threads: int | None = None, tile: int = DEFAULT_TILE):
+        super().__init__(zoo_name, weights, device, tile, threads)
         self.control = ControlRange("quality", 0.0, float(len(self.sources) + 1), increasing=True)
         self.weights_sha256 = self._set_identity()
         self.network(self.sources[0].quality)   # the others load when a target needs them; this one fails fast
@@ -407,8 +413,7 @@ class _VbrNet(HyperNet):
                 gain = self.gain(self.grid_level(i))
                 qs = float(to_step(torch.tensor([[1.0 / gain]], dtype=torch.float64)))
                 eb64.update_variable(force=True, qs=torch.tensor(qs, dtype=torch.float64))
-                self.grid.append((qs, tuple(t.to(device) for t in coder_tables(
-                    eb64._quantized_cdf, eb64._offset, eb64._cdf_length))))
+                self.grid.append((qs, tuple(t.to(device) for t in coder_tables(eb64))))
         self.medians64 = model.entropy_bottleneck._get_medians().detach().double().reshape(1, -1, 1, 1)
         self.offsets = model.QuantABCD.to(device)
 
@@ -487,9 +492,11 @@ class VbrPrepared:
 class ZooVariableRateCodec(_ZooCodecBase):
     """A VBR zoo model: one network, continuous gain, hyper-latent tables on a fixed grid."""
 
-    def __init__(self, zoo_name: str, weights: str | None = None, device: str = "auto", threads: int | None = None,
-                 storage_options: dict[str, Any] | None = None, tile: int = DEFAULT_TILE):
-        super().__init__(zoo_name, weights, device, storage_options, tile, threads)
+    capabilities = replace(_ZooCodecBase.capabilities, reconstruct=True)
+
+    def __init__(self, zoo_name: str, weights: list[Source] | None = None, device: str = "auto",
+                 threads: int | None = None, tile: int = DEFAULT_TILE):
+        super().__init__(zoo_name, weights, device, tile, threads)
         if len(self.sources) != 1:
             raise CodecError(f"{self.name} is one network; the weights given hold {len(self.sources)}")
         self.net: _VbrNet = self.network(self.sources[0].quality)
@@ -585,11 +592,12 @@ class ZooAutoregressiveCodec(_OneNetworkPerQuality):
     """A set of autoregressive networks (serial context model): one discrete quality per network."""
 
     speed = "slow"
-    preferred_device = "cpu"    # CompressAI's serial context coding is not faster on a GPU
+    # CompressAI's serial context coding is not faster on a GPU; no decoder-free reconstruction.
+    capabilities = replace(_OneNetworkPerQuality.capabilities, preferred_device="cpu")
 
-    def __init__(self, zoo_name: str, weights: str | None = None, device: str = "auto", threads: int | None = None,
-                 storage_options: dict[str, Any] | None = None, tile: int = 0):
-        super().__init__(zoo_name, weights, device, storage_options, tile, threads)
+    def __init__(self, zoo_name: str, weights: list[Source] | None = None, device: str = "auto",
+                 threads: int | None = None, tile: int = 0):
+        super().__init__(zoo_name, weights, device, tile, threads)
         self.control = ControlRange("network", 1.0, float(len(self.sources)), increasing=True, discrete=True)
         self.weights_sha256 = self._set_identity()
         self.network(self.sources[0].quality)
@@ -641,25 +649,28 @@ _CLASSES = {"fixed": ZooFixedRateCodec, "vbr": ZooVariableRateCodec, "autoregres
 class ZooFactory:
     """The registry's factory for one zoo name; ``describe`` answers without loading weights."""
 
+    weights_input = CHECKPOINTS   # the loader turns a ``weights`` file, folder or ``zoo`` into Sources
+
     def __init__(self, zoo_name: str):
         self.zoo_name = zoo_name
+        self.qualities = ZOO[zoo_name].qualities
         self.cls: Callable[..., Any] = _CLASSES[ZOO[zoo_name].family]
 
     def __call__(self, **options: Any) -> Any:
         return self.cls(self.zoo_name, **options)
 
     @property
-    def preferred_device(self) -> str:
-        return self.cls.preferred_device
+    def capabilities(self) -> Capabilities:
+        """The codec class's (``preferred_device`` answers without loading weights)."""
+        return self.cls.capabilities
 
     def describe(self) -> dict[str, Any]:
         spec = ZOO[self.zoo_name]
         n = len(spec.qualities)
         control = {"fixed": ("quality", f"0..{n + 1}", "continuous"), "vbr": ("level", "0..7", "continuous"),
                    "autoregressive": ("network", f"1..{n}", "discrete")}[spec.family]
-        return {"control": control[0], "range": control[1], "kind": control[2], "device": self.cls.preferred_device,
+        return {"control": control[0], "range": control[1], "kind": control[2], "device": self.cls.capabilities.preferred_device,
                 "speed": self.cls.speed, "extension": f"{self.zoo_name}.rfic", "needs": "--weights"}
 
 
-for _name in ZOO:
-    register(PREFIX + _name, ZooFactory(_name))
+CODECS = {PREFIX + name: ZooFactory(name) for name in ZOO}   # named in registry._BUILTIN

@@ -1,4 +1,4 @@
-"""Where a ``compressai:<name>`` codec's networks come from, and how they are loaded.
+"""Which networks a ``compressai:<name>`` codec's weights hold, and how a checkpoint loads.
 
 ``--weights`` (codec option ``weights``) names one of:
 
@@ -11,6 +11,11 @@
 * ``zoo``: CompressAI's published URLs, downloaded once by torch.hub into its cache
   (``$TORCH_HOME``), so only on machines with network access or a filled cache.
 
+The codec itself never opens any of these: ``ratefit.workers.codec_loader`` lists the folder
+and reads the files through the storage layer (with its retries) or torch.hub's cache, and
+hands the codec one ``Source`` per network, whose ``read`` returns the checkpoint's bytes.
+This module holds what is the zoo's own knowledge: its file names, its URLs, its format.
+
 Checkpoints are PyTorch files holding a state dict (CompressAI's zoo format, or a training
 checkpoint with a ``state_dict`` entry). They load with ``weights_only=True``: a
 checkpoint is never unpickled as arbitrary objects. The SHA-256 of each file's bytes is its
@@ -21,32 +26,35 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 import threading
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
-import fsspec
 import torch
 
 from ratefit.codecs.weights import WeightsError
 
 ZOO_WEIGHTS = "zoo"
-_HUB = "torchhub:"
+HUB_PREFIX = "torchhub:"   # a Source's url for a checkpoint of the zoo, read through torch.hub's cache
 _CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt", ".tar")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One network's checkpoint: its zoo quality (0: the only one) and where it is."""
+    """One network's checkpoint: its zoo quality (0: the only one), what it is and how to read it.
+
+    ``url`` names it (the process cache's key; ``label`` is what messages and the set's
+    identity show); ``read()`` returns the file's bytes or raises WeightsError naming it.
+    """
 
     quality: int
     url: str
+    read: Callable[[], bytes] = field(compare=False, repr=False)
 
     @property
     def label(self) -> str:
-        return self.url.removeprefix(_HUB)
+        return self.url.removeprefix(HUB_PREFIX)
 
 
 def zoo_urls(zoo_name: str) -> dict[int, str]:
@@ -65,64 +73,32 @@ def quality_in_name(zoo_name: str, filename: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def find_sources(zoo_name: str, weights: str, qualities: Sequence[int],
-                 storage_options: dict[str, Any] | None = None) -> list[Source]:
-    """The networks ``weights`` offers for ``zoo_name``, sorted by quality.
+def file_quality(zoo_name: str, filename: str, qualities: Sequence[int]) -> int:
+    """The quality of a single checkpoint file by its name; 0 ("the one network") when it names none."""
+    q = quality_in_name(zoo_name, filename) if qualities else None
+    return q if q in qualities else 0
+
+
+def pick_checkpoints(zoo_name: str, urls: Sequence[str], qualities: Sequence[int], weights: str) -> dict[int, str]:
+    """Which of a folder's entries (``urls``) hold which quality of ``zoo_name``, by quality.
 
     ``qualities`` is what the zoo defines for this model (empty for a single-network VBR
-    model). Raises WeightsError naming what was looked for when nothing usable is there.
+    model). Raises WeightsError naming what was looked for in ``weights`` when nothing fits.
     """
-    if weights == ZOO_WEIGHTS:
-        urls = zoo_urls(zoo_name)
-        return [Source(q, _HUB + url) for q, url in sorted(urls.items())]
-    try:
-        fs, path = fsspec.core.url_to_fs(weights, **(storage_options or {}))
-        is_dir = fs.isdir(path)
-        names = [p for p in fs.ls(path, detail=False)] if is_dir else []
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read weights {weights}: {e}") from e
-    if not is_dir:
-        if not fs.exists(path):
-            raise WeightsError(f"weights {weights} do not exist")
-        q = quality_in_name(zoo_name, path.rsplit("/", 1)[-1]) if qualities else None
-        return [Source(q if q in qualities else 0, weights)]
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    found: dict[int, Source] = {}
-    for p in sorted(names):
-        name = p.rstrip("/").rsplit("/", 1)[-1]
-        url = p if protocol in ("file", "local") else fs.unstrip_protocol(p)
+    found: dict[int, str] = {}
+    for url in sorted(urls):
+        name = url.rstrip("/").rsplit("/", 1)[-1]
         if qualities:
             q = quality_in_name(zoo_name, name)
             if q in qualities:
-                found.setdefault(q, Source(q, url))
+                found.setdefault(q, url)
         elif name.startswith(zoo_name.removesuffix("-vbr")) and "vbr" in name and name.endswith(_CHECKPOINT_SUFFIXES):
-            found.setdefault(0, Source(0, url))
+            found.setdefault(0, url)
     if not found:
         want = (f"{zoo_name}-<quality>[-<hash>].pth.tar, quality in {min(qualities)}..{max(qualities)}"
                 if qualities else f"{zoo_name.removesuffix('-vbr')}-mse-vbr-<hash>.pth.tar")
         raise WeightsError(f"no {zoo_name} checkpoint in {weights} (looked for {want})")
-    return [found[q] for q in sorted(found)]
-
-
-def read_source(source: Source, storage_options: dict[str, Any] | None = None) -> bytes:
-    """The checkpoint's bytes; ``zoo`` sources come from (and fill) torch.hub's cache."""
-    if source.url.startswith(_HUB):
-        url = source.url[len(_HUB):]
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            m = re.search(r"-([a-f0-9]+)\.", os.path.basename(url))
-            try:
-                torch.hub.download_url_to_file(url, path, hash_prefix=m.group(1) if m else None, progress=False)
-            except Exception as e:
-                raise WeightsError(f"cannot download {url} into torch.hub's cache ({path}): {e}. "
-                                   "Without network access, pass --weights FILE_OR_FOLDER instead") from e
-        source = Source(source.quality, path)
-    try:
-        with fsspec.open(source.url, "rb", **(storage_options or {})) as f:
-            return f.read()
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot read weights {source.label}: {e}") from e
+    return dict(sorted(found.items()))
 
 
 def load_state_dict(data: bytes, what: str) -> dict[str, torch.Tensor]:

@@ -1,2 +1,3 @@
-"""Jobs: the validated job spec, planning (listing and sharding), the shard runner, the
-entrypoints ``python -m ratefit.jobs.recompress`` / ``decompress`` and the ``ratefit`` CLI."""
+"""Jobs: the spec, planning, the job builder, the pool and runner, the compress / budget /
+decompress jobs and the ``ratefit`` CLI; tools (train, eval, fuzz, bench) beside them.
+``docs/architecture.md`` is the map."""

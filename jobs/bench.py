@@ -5,8 +5,8 @@
 
 The first runs the job as users run it (embedded Ray, actors, manifests, ``_SUCCESS``) and
 then, in a fresh Python process, a naive loop that reads, searches the same target with the
-same codec and rate control, writes and measures each image in turn (the very per-item code
-the actors run, without Ray). Both are timed from their start (imports, Ray, loading the
+same codec and rate control, writes and measures each image in turn: the very per-shard code
+the actors run, on the in-process pool (``jobs/pool.py``), without Ray. Both are timed from their start (imports, Ray, loading the
 codec): that is what a user waits for. Per-stage times come from the manifest rows (``read_ms`` … ``metrics_ms``).
 
 The second measures the driver: a job over N tiny generated images, each N in a fresh
@@ -83,17 +83,19 @@ def _stage_totals(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _naive_loop(spec_json: str, output: str) -> list[dict[str, Any]]:
-    """The naive loop itself: one process, one item after another, the actors' per-item code."""
-    from ratefit.jobs.recompress import plan_items
+    """The naive loop itself: one process, one shard after another, the actors' per-shard code."""
+    from ratefit.jobs.build import build_pass, plan_shards
+    from ratefit.jobs.pool import LocalPool
     from ratefit.jobs.spec import JobSpec
-    from ratefit.workers.compress import CompressConfig, Compressor
+    from ratefit.workers.manifest import read_parts
+    from ratefit.workers.storage import open_fs
 
-    spec = JobSpec.from_dict(json.loads(spec_json))
-    worker = Compressor(CompressConfig(output=output, codec=spec.codec, codec_options=spec.codec_kwargs(),
-                                       target=spec.default_target(), storage_options=spec.storage_options,
-                                       max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim,
-                                       refine_steps=spec.refine_steps))
-    return [worker(item, 0, 1) for item in plan_items(spec)]
+    spec = JobSpec.from_dict({**json.loads(spec_json), "output": output})
+    job_pass = build_pass(spec, "encode")
+    for _ in LocalPool(job_pass.config, spec.storage_retry_s).run(plan_shards(spec)):
+        pass
+    fs, root = open_fs(output)
+    return read_parts(fs, f"{root}/{job_pass.manifest_dir}").to_pylist()
 
 
 def _naive(spec: Any, output: str) -> tuple[float, list[dict[str, Any]]]:
@@ -113,7 +115,7 @@ def _naive(spec: Any, output: str) -> tuple[float, list[dict[str, Any]]]:
 def run_pipeline_vs_naive(args: argparse.Namespace) -> dict[str, Any]:
     import pyarrow.dataset as ds
 
-    from ratefit.jobs import recompress
+    from ratefit.jobs import compress
     from ratefit.jobs.spec import JobSpec
 
     work = Path(tempfile.mkdtemp(prefix="ratefit-bench-"))
@@ -122,7 +124,7 @@ def run_pipeline_vs_naive(args: argparse.Namespace) -> dict[str, Any]:
                        codec_options=args.codec_options or {}, weights=args.weights, target_bpp=args.target_bpp,
                        workers=args.workers, shard_size=args.shard_size, progress=False)
         t0 = time.perf_counter()
-        summary = recompress.run(spec)
+        summary = compress.run(spec)
         pipeline_s = time.perf_counter() - t0
         pipeline_rows = ds.dataset(str(work / "pipeline" / "_manifest")).to_table().to_pylist()
         naive_s, naive_rows = _naive(spec, str(work / "naive"))
@@ -165,7 +167,7 @@ def _driver_one(items: int) -> dict[str, Any]:
 
     from PIL import Image
 
-    from ratefit.jobs import recompress
+    from ratefit.jobs import compress
     from ratefit.jobs.spec import JobSpec
 
     work = Path(tempfile.mkdtemp(prefix="ratefit-driver-"))
@@ -182,7 +184,7 @@ def _driver_one(items: int) -> dict[str, Any]:
                 sub.mkdir(parents=True)
             (sub / f"{i:07d}.png").write_bytes(png)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        summary = recompress.run(JobSpec(input=str(folder), output=str(work / "out"), codec="jpeg",
+        summary = compress.run(JobSpec(input=str(folder), output=str(work / "out"), codec="jpeg",
                                          target_bytes=500, shard_size=256, ms_ssim=False, progress=False))
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
     finally:

@@ -2,22 +2,23 @@
 
     ratefit compress INPUT OUTPUT --budget-bpp 0.5 [--min-psnr 30] [--objective psnr|mse]
 
-Three passes over the same shards, each with its own committed parts, so each resumes:
+Three passes over the same shards (built by ``jobs/build.py``), each committing its own parts
+so each resumes by shard, and one planning step on the driver between the first two:
 
-1. **probe** (``OUTPUT/_plan/probes/``): every image's R-D curve at a few control values
+1. **probe** pass (``OUTPUT/_plan/probes/``): every image's R-D curve at a few control values
    (``codecs/probe.py``: the rate model and a decoder-free reconstruction for learned codecs,
    real encodes for classical ones); no bitstreams.
-2. **plan** (driver): equal-slope allocation over the probe tables (``codecs/allocate.py``),
+2. **plan** (the driver, not a pass): equal-slope allocation over the probe tables (``codecs/allocate.py``),
    written to ``_plan/allocation.parquet`` and ``_plan/plan.json``.
-3. **encode** (``OUTPUT/_manifest/``): the normal job path, each image at its allocated byte
+3. **encode** pass (``OUTPUT/_manifest/``): the normal job path, each image at its allocated byte
    target (a ceiling, as for ``--target-bytes``).
-4. **correct** (``_plan/correction/``): when the achieved total is outside [99%, 100%] of the
+4. **correct** pass (``_plan/correction/``): when the achieved total is outside [99%, 100%] of the
    budget (the probes' estimates missed), a few of the largest images are re-encoded with
    their targets scaled by the same factor (at most ±5% each), and their manifest rows are
    replaced. Then ``_SUCCESS`` is written with the plan's summary.
 
-Divergence from DESIGN.md: none in the data flow; the planner runs on the driver, which
-holds ``(items × probes)`` floats (a million images with ten probes: 80 MB per array).
+The planner runs on the driver, which holds ``(items × probes)`` floats (a million images with
+ten probes: 80 MB per array); ``docs/architecture.md`` draws the flow.
 """
 
 from __future__ import annotations
@@ -37,21 +38,18 @@ import pyarrow.parquet as pq
 
 from ratefit.codecs.allocate import allocate, quality_at
 from ratefit.codecs.rate import Target
-from ratefit.codecs.registry import get_codec
 from ratefit.cluster.connect import connect
-from ratefit.jobs.plan import shard
-from ratefit.jobs.runner import PLAN_DIR, JobError, finish, run_pass, write_success
+from ratefit.jobs.build import CORRECTION_DIR, PLAN_DIR, Pass, build_pass, codec_is_continuous, plan_items, plan_shards
+from ratefit.jobs.errors import JobError
+from ratefit.jobs.runner import finish, run_pass, write_success
 from ratefit.jobs.spec import JobSpec
-from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import (COMPRESS_SCHEMA, MANIFEST_DIR, PROBE_SCHEMA, parquet_table, part_name,
-                                     read_parts, write_part)
-from ratefit.workers.probe import PROBES_DIR, ProbeConfig
+from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, parquet_table, part_name, read_parts, write_part
+from ratefit.workers.probe import PROBES_DIR
 from ratefit.workers.storage import atomic_write, fetch, open_fs, redact
 
 ALLOCATION = f"{PLAN_DIR}/allocation.parquet"
 PLAN_JSON = f"{PLAN_DIR}/plan.json"
-CORRECTION_DIR = f"{PLAN_DIR}/correction"
 CORRECTION_LIST = f"{PLAN_DIR}/correction.parquet"
 CORRECTION_JSON = f"{PLAN_DIR}/correction.json"
 LANDING = (0.99, 1.0)          # the achieved total must land in this fraction of the budget
@@ -264,33 +262,24 @@ def _merge_corrections(fs, root: str, corrected: list[int], shard_size: int) -> 
     return sum(len(v) for v in by_part.values())
 
 
-def run(spec: JobSpec, plan_items) -> dict[str, Any]:
+def run(spec: JobSpec) -> dict[str, Any]:
     """Run a budget job to completion (resuming any pass already done) and return ``_SUCCESS``."""
     t_start = time.time()
-    codec = get_codec(spec.codec, **spec.codec_kwargs())
-    device = getattr(codec, "preferred_device", codec.device)
-    continuous = not codec.control.discrete
+    continuous = codec_is_continuous(spec)   # from the registry: the driver never builds the codec
     fs, root = open_fs(spec.output, spec.storage_options)
     import ray
 
-    started = connect(spec.address)   # one Ray for every pass
+    started = False if spec.in_process else connect(spec.address)   # one Ray for every pass
     try:
-        probe_config = ProbeConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
-                                   probes=spec.probes, storage_options=spec.storage_options,
-                                   max_pixels=spec.max_pixels)
-        state = run_pass(spec, shard(plan_items(spec), spec.shard_size), probe_config, PROBE_SCHEMA, device,
-                         manifest_dir=PROBES_DIR, label="probe")
-        finish(spec, fs, root, state, 0.0, manifest_dir=PROBES_DIR, write=False)
+        probe = build_pass(spec, "probe")
+        state = run_pass(spec, plan_shards(spec), probe)
+        finish(spec, fs, root, state, 0.0, manifest_dir=probe.manifest_dir, write=False)
         spec = dataclasses.replace(spec, overwrite=False)   # later passes keep what earlier ones wrote
         plan, plan_summary = _load_or_make_plan(spec, fs, root, continuous)
 
-        encode_config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
-                                       storage_options=spec.storage_options, max_pixels=spec.max_pixels,
-                                       ms_ssim=spec.ms_ssim, verify=spec.verify)
-        state = run_pass(spec, shard(_with_targets(plan_items(spec), plan), spec.shard_size), encode_config,
-                         COMPRESS_SCHEMA, device, label="encode")
+        state = run_pass(spec, plan_shards(spec, _with_targets(plan_items(spec), plan)), build_pass(spec, "encode"))
         encoded_bytes = float(finish(spec, fs, root, state, 0.0, write=False)["output_bytes"])
-        correction = _correct(spec, fs, root, plan, plan_summary, encode_config, device, plan_items)
+        correction = _correct(spec, fs, root, plan, plan_summary)
     finally:
         if started:
             ray.shutdown()
@@ -304,8 +293,7 @@ def run(spec: JobSpec, plan_items) -> dict[str, Any]:
     return summary
 
 
-def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[str, Any],
-             encode_config: CompressConfig, device: str, plan_items) -> dict[str, Any]:
+def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[str, Any]) -> dict[str, Any]:
     done_path, list_path = f"{root}/{CORRECTION_JSON}", f"{root}/{CORRECTION_LIST}"
     if fs.exists(done_path):
         return json.loads(fetch(fs, done_path))
@@ -322,11 +310,10 @@ def _correct(spec: JobSpec, fs, root: str, plan: pa.Table, plan_summary: dict[st
         atomic_write(fs, list_path, buf.getvalue())
     merged = 0
     if targets:
-        config = dataclasses.replace(encode_config, manifest_dir=CORRECTION_DIR)
+        correct: Pass = build_pass(spec, "correct")
         items = _with_targets(plan_items(spec), plan, targets=targets, only=sorted(targets))
-        state = run_pass(spec, shard(items, spec.shard_size), config, COMPRESS_SCHEMA, device,
-                         manifest_dir=CORRECTION_DIR, label="correct")
-        finish(spec, fs, root, state, 0.0, manifest_dir=CORRECTION_DIR, write=False)
+        state = run_pass(spec, plan_shards(spec, items), correct)
+        finish(spec, fs, root, state, 0.0, manifest_dir=correct.manifest_dir, write=False)
         merged = _merge_corrections(fs, root, sorted(targets), spec.shard_size)
     result = {"corrected_items": merged, "correction_tried": len(targets)}
     atomic_write(fs, done_path, json.dumps(result).encode())

@@ -1,4 +1,11 @@
-"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, eval, report, runs, manifest, demo."""
+"""The ``ratefit`` command line: compress, decompress, inspect, codecs, train, eval, report, runs,
+manifest, fuzz, export-zoo, bench, demo.
+
+Everything a command line needs lives here: the arguments, merging ``--spec FILE`` with flags
+into a JobSpec, the summary printed at the end and the one rule for errors (one line, exit
+status 2). The ``python -m ratefit.jobs.compress`` / ``recompress`` / ``decompress``
+entrypoints call ``main`` with their command.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from ratefit.jobs.spec import JobSpec, SpecError, load_spec_file
+from ratefit.jobs.summary import print_summary
 from ratefit.workers.storage import redact
 
 
@@ -17,9 +26,8 @@ def run_guarded(fn: Callable[[], int]) -> int:
     from ratefit.codecs.base import CodecError
     from ratefit.codecs.container import ContainerError
     from ratefit.codecs.weights import WeightsError
+    from ratefit.jobs.errors import JobError
     from ratefit.jobs.plan import PlanError
-    from ratefit.jobs.runner import JobError
-    from ratefit.jobs.spec import SpecError
     from ratefit.workers.storage import StorageUnavailable
 
     try:
@@ -29,6 +37,109 @@ def run_guarded(fn: Callable[[], int]) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"ratefit: error: {redact(str(msg))}", file=sys.stderr)
         return 2
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray, or the cluster "
+                                     "that `ray job submit` runs this on)")
+    p.add_argument("--workers", type=int, help="number of codec actors (default: one per CPU, or per GPU "
+                                               "for GPU codecs)")
+    p.add_argument("--shard-size", type=int, help="items per shard / manifest part (default 16)")
+    p.add_argument("--storage-options", type=_json_arg,
+                   help='fsspec storage options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:8333"}\'')
+    p.add_argument("--storage-retry-s", type=float, help="how long reads and writes ride out a storage outage "
+                                                          "before the job stops, resumable (default 120)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="discard an earlier run in OUTPUT and start over")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
+    p.add_argument("--in-process", action="store_true", default=None,
+                   help="run the shards in this process, one after another, without Ray (small jobs, debugging)")
+
+
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="the learned codec's weights: a file or folder URL (local, s3://, https://), "
+                                     "or 'zoo' for CompressAI's pretrained downloads (compressai:* codecs)")
+
+
+def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", nargs="?", help="folder holding .rfic files (a compress OUTPUT)")
+    p.add_argument("output", nargs="?", help="folder for the restored PNGs")
+    p.add_argument("--max-pixels", type=int, help="refuse containers claiming more pixels than this "
+                                                  "(checked before decoding; default 100 MP)")
+    add_weights_argument(p)
+    add_common_arguments(p)
+
+
+def add_compress_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", nargs="?", help="folder URL (local path, s3://bucket/prefix, ...) or a listing "
+                                            "file (.parquet/.csv with a 'uri' column)")
+    p.add_argument("output", nargs="?", help="output folder URL")
+    p.add_argument("--spec", help="YAML/JSON job spec (any fsspec URL); flags given here override it")
+    p.add_argument("--codec", help="codec name (see `ratefit codecs`; default gain-hyperprior)")
+    p.add_argument("--codec-options", type=_json_arg, help="codec options as JSON, e.g. '{\"speed\": 8}'")
+    add_weights_argument(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--target-bpp", type=float, help="ceiling in bits per pixel, container included")
+    g.add_argument("--target-bytes", type=float, help="ceiling in bytes per stored file")
+    g.add_argument("--target-psnr", type=float, help="smallest output reaching this PSNR (dB)")
+    g.add_argument("--budget-bytes", type=float, help="one budget for the whole collection, in stored bytes: "
+                                                      "spread where it buys the most quality (equal slope)")
+    g.add_argument("--budget-bpp", type=float, help="the same budget as total bits over total pixels")
+    p.add_argument("--min-psnr", type=float, help="budget jobs: a PSNR floor for every image (dB)")
+    p.add_argument("--objective", choices=("psnr", "mse"), help="budget jobs: maximise the mean PSNR (default) "
+                                                                "or minimise the total squared error")
+    p.add_argument("--probes", type=int, help="budget jobs: R-D probes per image (default 10 for continuous "
+                                              "codecs, 12 for discrete ones)")
+    p.add_argument("--qmap", help="quality map for spatial codecs (gain-hyperprior-roi): a generator "
+                                  "(uniform, center, saliency, faces, text) or a folder of grayscale PNGs mirroring "
+                                  "the input (a listing's qmap_uri column wins)")
+    p.add_argument("--refine-steps", type=int, help="learned codecs: optimise each image's latents for this many "
+                                                    "steps before the final rate search (slower encode, more quality "
+                                                    "per byte; the decoder is unchanged; default 0)")
+    p.add_argument("--extensions", help="comma-separated input extensions (default: common image formats)")
+    p.add_argument("--max-pixels", type=int, help="refuse inputs above this many pixels (checked before decoding)")
+    p.add_argument("--no-ms-ssim", dest="ms_ssim", action="store_false", default=None,
+                   help="skip MS-SSIM in the manifest (PSNR is always measured)")
+    p.add_argument("--verify", action="store_true", default=None,
+                   help="read every stored bitstream back and decode it on the worker; a mismatch is an error row")
+    p.add_argument("--retire-originals", action="store_true", default=None,
+                   help="delete each original once its bitstream was read back, decoded and checked (--verify) and "
+                        "its row committed; a tombstone row under OUTPUT/_retired/ records it. Off by default")
+    p.add_argument("--retire-to", help="with --retire-originals: move originals under this folder URL instead of "
+                                       "deleting them (implies --retire-originals)")
+    add_common_arguments(p)
+
+
+_FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
+                "overwrite", "progress", "in_process")
+
+
+def spec_from_args(args: argparse.Namespace, kind: str = "compress") -> JobSpec:
+    """Merge ``--spec FILE`` (if any) with the flags given; flags win."""
+    data: dict[str, Any] = {}
+    if getattr(args, "spec", None):
+        data = load_spec_file(args.spec, getattr(args, "storage_options", None))
+    given = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k, None) is not None}
+    if any(k.startswith(("target_", "budget_")) for k in given):
+        for k in ("target_bpp", "target_bytes", "target_psnr", "budget_bytes", "budget_bpp"):
+            data.pop(k, None)
+    data.update(given)
+    data["kind"] = kind
+    missing = [k for k in ("input", "output") if not data.get(k)]
+    if missing:
+        raise SpecError(f"missing {' and '.join(missing).upper()}: give them as arguments or in --spec")
+    return JobSpec.from_dict(data)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -80,13 +191,14 @@ def _export_zoo(args: argparse.Namespace) -> int:
     import torch
 
     from ratefit.codecs.gain_hyperprior import BUNDLED_WEIGHTS, load_model
-    from ratefit.codecs.weights import WeightsError, bundled_path
+    from ratefit.codecs.weights import WeightsError, bundled_weights
     from ratefit.codecs.zoo_export import export
+    from ratefit.workers.codec_loader import read_weights_file
 
-    url = args.weights or bundled_path(BUNDLED_WEIGHTS)
-    if url is None:
+    weights = read_weights_file(args.weights) if args.weights else bundled_weights(BUNDLED_WEIGHTS)
+    if weights is None:
         raise WeightsError("no gain-hyperprior weights bundled with this install; pass --weights")
-    model, _, _ = load_model(url, torch.device("cpu"))
+    model, _, _ = load_model(weights, torch.device("cpu"))
     levels = [int(x) for x in args.levels.split(",")] if args.levels else None
     if args.kind == "bmshj2018-hyperprior" and levels is None:
         levels = list(range(model.config.levels))
@@ -99,17 +211,22 @@ def _export_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ratefit.jobs import bench, decompress, demo, evaluate, fuzz, history, recompress, report, train
+def _print_run(run: Callable[[JobSpec], dict[str, Any]], spec: JobSpec) -> int:
+    print_summary(run(spec), spec.output)
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "ratefit") -> int:
+    from ratefit.jobs import bench, compress, decompress, demo, evaluate, fuzz, history, report, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="ratefit", description="Learned and classical image compression at "
+    p = argparse.ArgumentParser(prog=prog, description="Learned and classical image compression at "
                                 "per-item target bitrates, as Ray jobs over any fsspec storage.")
     sub = p.add_subparsers(dest="command", required=True)
     pc = sub.add_parser("compress", help="compress a folder or listing to OUTPUT at a target")
-    recompress.add_compress_arguments(pc)
+    add_compress_arguments(pc)
     pd = sub.add_parser("decompress", help="restore PNGs from the .rfic files under INPUT")
-    decompress.add_decompress_arguments(pd)
+    add_decompress_arguments(pd)
     pi = sub.add_parser("inspect", help="print the header of .rfic files")
     pi.add_argument("files", nargs="+")
     sub.add_parser("codecs", help="list registered codecs")
@@ -142,13 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if args.command == "compress":
-        return run_guarded(lambda: recompress._run_and_print(recompress.spec_from_args(args)))
+        return run_guarded(lambda: _print_run(compress.run, spec_from_args(args)))
     if args.command == "decompress":
-        def go() -> int:
-            spec = decompress.spec_for(args)
-            recompress.print_summary(decompress.run(spec), spec.output)
-            return 0
-        return run_guarded(go)
+        args.spec = None
+        return run_guarded(lambda: _print_run(decompress.run, spec_from_args(args, kind="decompress")))
     if args.command == "inspect":
         return _inspect(args)
     if args.command == "codecs":

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ratefit.jobs import decompress, recompress
+from ratefit.jobs import compress, decompress
 from ratefit.jobs.spec import JobSpec
+from ratefit.jobs.summary import print_summary
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -32,11 +33,11 @@ def run_demo(output: str = "demo-output", target_bpp: float = 0.5) -> int:
 def _both(compressed: Path, restored: Path, target_bpp: float) -> int:
     spec = JobSpec(input=str(SAMPLES), output=str(compressed), target_bpp=target_bpp, shard_size=1, overwrite=True)
     print(f"compressing the sample photos in {SAMPLES} with {spec.codec} at {target_bpp} bpp ...")
-    summary = recompress.run(spec)
-    recompress.print_summary(summary, str(compressed))
+    summary = compress.run(spec)
+    print_summary(summary, str(compressed))
     dspec = JobSpec(input=str(compressed), output=str(restored), kind="decompress", shard_size=1, overwrite=True)
     print("restoring PNGs ...")
-    recompress.print_summary(decompress.run(dspec), str(restored))
+    print_summary(decompress.run(dspec), str(restored))
     print(f"\nlook at: {compressed} (bitstreams, _manifest/, _SUCCESS) and {restored} (decoded PNGs)")
     print("read the manifest: python -c \"import pyarrow.dataset as ds; "
           f"print(ds.dataset('{compressed}/_manifest').to_table().select(['input_uri','status','bpp','psnr']))\"")

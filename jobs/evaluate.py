@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from ratefit.codecs import container
-from ratefit.codecs.base import payload_weights_sha256
+from ratefit.codecs.base import capabilities_of, payload_weights_sha256
 from ratefit.codecs.bdrate import bd_rate
 from ratefit.codecs.metrics import ms_ssim, psnr
-from ratefit.codecs.registry import get_codec
+from ratefit.workers.codec_loader import load_codec
 
 ANCHORS = ("avif", "webp", "jpeg")
 DEFAULT_VALUES = {
@@ -53,7 +53,7 @@ def _init_worker(codec_options: dict[str, dict], threads: int) -> None:
     torch.set_num_threads(threads)
     _codecs.clear()
     for name, opts in codec_options.items():
-        _codecs[name] = get_codec(name, **opts)
+        _codecs[name] = load_codec(name, **opts)
 
 
 REFINED = "+refine"
@@ -74,11 +74,11 @@ def _evaluate_image(path: str, plan: dict[str, list[float]], refine_steps: int =
         t0 = time.perf_counter()
         prepared = codec.prepare(image)
         prep_s = time.perf_counter() - t0
-        refine = getattr(codec, "refine", None) if refine_steps else None
+        refine = bool(refine_steps) and capabilities_of(codec).refine
         for label, steps in ((name, 0),) + (((refined_name(name, refine_steps), refine_steps),) if refine else ()):
             for value in values:
                 t0 = time.perf_counter()
-                coded = refine(prepared, image, value, steps) if steps else prepared
+                coded = codec.refine(prepared, image, value, steps) if steps else prepared
                 payload = codec.encode(coded, value)
                 enc_s = time.perf_counter() - t0
                 blob = container.pack(name, payload, value=value, width=w, height=h,
@@ -101,7 +101,7 @@ def values_for(name: str, codec: Any, override: dict[str, list[float]]) -> list[
     c = codec.control
     if c.discrete:
         return [float(v) for v in np.unique(np.round(np.linspace(c.low, c.high, CONTINUOUS_POINTS)))]
-    low, high = getattr(codec, "sweep", (c.low, c.high))   # a codec may sweep less than its whole range
+    low, high = capabilities_of(codec).sweep or (c.low, c.high)   # a codec may sweep less than its whole range
     return [float(v) for v in np.linspace(low, high, CONTINUOUS_POINTS)]
 
 
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     codec_options = {n: codec_options[n] for n in names}
     override = _parse_values(args.values)
     refine_steps = getattr(args, "refine_steps", 0) or 0
-    local = {n: get_codec(n, **codec_options[n]) for n in names}   # fails fast on bad names/options
+    local = {n: load_codec(n, **codec_options[n]) for n in names}   # fails fast on bad names/options
     plan = {n: values_for(n, local[n], override) for n in names}
     workers = max(1, args.workers or os.cpu_count() or 1)
     out = Path(args.out)

@@ -1,6 +1,7 @@
 """``ratefit fuzz``: a long fuzzing run of the container parser and the decoders.
 
-The test suite runs a few hundred hypothesis cases; this runs as many as time allows. The
+The test suite runs a few hundred hypothesis cases; this runs as many as time allows, or
+exactly ``--cases N`` per target (the same cases on any machine, however loaded). The
 cases run in a child process the parent watches: a child that dies (a crash in native
 code) or stops advancing (a hang) is reported with the case that did it, saved to a file
 so it can be replayed, and a fresh child carries on after it. Every case must end as a
@@ -8,6 +9,7 @@ decoded picture of the claimed size or as the decoders' own error (ItemError); a
 exception counts as a failure too.
 
     ratefit fuzz --seconds 600 --out fuzz-findings
+    ratefit fuzz --cases 5000 --targets jpeg,webp        # a fixed amount of work, not of time
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 TARGETS = ("container", "gain-hyperprior", "gain-hyperprior-roi", "jpeg", "webp", "avif")
 _LEARNED = ("gain-hyperprior", "gain-hyperprior-roi")
 _SIZES = ((96, 64), (200, 150), (64, 257))
+DEFAULT_SECONDS = 300.0
 
 
 # ---------------------------------------------------------------------------- cases
@@ -38,23 +41,30 @@ def _codec(name: str):
     return get_codec(name, device="cpu") if name in _LEARNED else get_codec(name)
 
 
-def _seeds() -> dict[str, list[bytes]]:
-    """Valid containers per codec: the starting points the mutations damage."""
+def _codecs_of(target: str) -> tuple[str, ...]:
+    """The codecs ``target``'s cases reach: all for the container target, else its own."""
+    return TARGETS[1:] if target == "container" else (target,)
+
+
+def _seeds(names: tuple[str, ...] = TARGETS[1:]) -> dict[str, list[bytes]]:
+    """Valid containers per codec in ``names``: the starting points the mutations damage (a
+    target's cases use only its own codecs' seeds, so building fewer leaves them unchanged)."""
     from PIL import Image
 
     from ratefit.codecs import container
+    from ratefit.codecs.base import capabilities_of
     from ratefit.codecs.qmap import center_map
     from ratefit.jobs.demo import SAMPLES
 
     photo = Image.open(SAMPLES / "chelsea.png").convert("RGB")
     seeds: dict[str, list[bytes]] = {}
-    for name in TARGETS[1:]:
+    for name in names:
         codec = _codec(name)
         values = (0.0, 4.0, 7.5) if name in _LEARNED else (5, 50, 95)
         seeds[name] = []
         for (w, h), v in zip(_SIZES, values):
             img = np.asarray(photo.resize((w, h)))
-            prepared = codec.prepare(img, center_map(h, w)) if getattr(codec, "spatial", False) else codec.prepare(img)
+            prepared = codec.prepare(img, center_map(h, w)) if capabilities_of(codec).spatial else codec.prepare(img)
             payload = codec.encode(prepared, v)
             seeds[name].append(container.pack(name, payload, value=v, width=w, height=h,
                                               weights_sha256=codec.weights_sha256))
@@ -106,13 +116,15 @@ def make_case(seeds: dict[str, list[bytes]], target: str, seed: int, index: int)
 
 # ----------------------------------------------------------------------------- child
 
-def _child(target: str, seed: int, start: int, seconds: float, progress_path: str) -> int:
-    """Run cases from ``start`` for ``seconds`` after setting up; write the index before each case."""
+def _child(target: str, seed: int, start: int, seconds: float | None, progress_path: str,
+           stop: int | None = None) -> int:
+    """Run cases from ``start`` for ``seconds`` after setting up (no limit: None), and only up
+    to case ``stop`` (excluded) when given; write the index before each case."""
     from ratefit.workers.decompress import decode_container
     from ratefit.workers.read import ItemError
 
-    seeds = _seeds()
-    codecs = {name: _codec(name) for name in TARGETS[1:]}
+    seeds = _seeds(_codecs_of(target))
+    codecs = {name: _codec(name) for name in _codecs_of(target)}   # a jpeg run need not load the learned models
 
     def codec_for(header):
         if header.codec not in codecs:
@@ -120,12 +132,12 @@ def _child(target: str, seed: int, start: int, seconds: float, progress_path: st
         return codecs[header.codec]
 
     counts = {"decoded": 0, "rejected": 0, "unexpected": 0}
-    stop_at = time.time() + seconds
+    stop_at = time.time() + seconds if seconds is not None else float("inf")
     slowest = 0.0
     fd = os.open(progress_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     index = start
     crash_at = int(os.environ.get("RATEFIT_FUZZ_CRASH_AT", "-1"))   # the harness's own test: die like a segfault
-    while time.time() < stop_at:
+    while time.time() < stop_at and (stop is None or index < stop):
         os.pwrite(fd, f"{index:>12}".encode(), 0)
         if index == crash_at:
             os.abort()
@@ -159,15 +171,23 @@ class TargetReport:
     slowest_s: float = 0.0
 
 
-def _run_target(target: str, seed: int, seconds: float, case_timeout: float, out: Path) -> TargetReport:
+def _run_target(target: str, seed: int, seconds: float | None, case_timeout: float, out: Path,
+                cases: int | None = None) -> TargetReport:
+    """Cases 0, 1, ... of ``target`` for ``seconds`` (None: no time limit), or exactly the first
+    ``cases`` of them (crashing and hanging ones included) when given; at least one of the two."""
+    if seconds is None and cases is None:
+        raise ValueError("a fuzz run needs --seconds or --cases")
     report = TargetReport(target)
     progress = out / f".progress-{target}"
     index = 0
-    deadline = time.time() + seconds
-    while time.time() < deadline:
+    deadline = time.time() + seconds if seconds is not None else float("inf")
+    while time.time() < deadline and (cases is None or index < cases):
         cmd = [sys.executable, "-m", "ratefit.jobs.fuzz", "--child", target, "--seed", str(seed),
-               "--start", str(index), "--seconds", str(max(deadline - time.time(), 1.0)),
-               "--progress-file", str(progress)]
+               "--start", str(index), "--progress-file", str(progress)]
+        if seconds is not None:
+            cmd += ["--seconds", str(max(deadline - time.time(), 1.0))]
+        if cases is not None:
+            cmd += ["--stop", str(cases)]
         progress.unlink(missing_ok=True)
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         last, last_change = None, time.monotonic()
@@ -192,7 +212,7 @@ def _run_target(target: str, seed: int, seconds: float, case_timeout: float, out
         # The child died or hung on case `last`: save it, count it, go on after it.
         failed = int(last) if last else index
         case_file = out / f"{target}-seed{seed}-case{failed}.rfic"
-        case_file.write_bytes(make_case(_seeds(), target, seed, failed))
+        case_file.write_bytes(make_case(_seeds(_codecs_of(target)), target, seed, failed))
         entry = {"case": failed, "file": str(case_file), "returncode": child.returncode}
         (report.hangs if child.returncode == -9 else report.crashes).append(entry)
         report.cases += failed + 1 - index
@@ -206,18 +226,22 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown fuzz target(s): {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
         return 2
+    if args.cases is not None and args.cases < 1:
+        print("--cases must be at least 1")
+        return 2
+    seconds = args.seconds if args.seconds is not None else (None if args.cases is not None else DEFAULT_SECONDS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    per_target = args.seconds / len(targets)
+    per_target = seconds / len(targets) if seconds is not None else None
     reports = []
     for target in targets:
-        r = _run_target(target, args.seed, per_target, args.case_timeout, out)
+        r = _run_target(target, args.seed, per_target, args.case_timeout, out, cases=args.cases)
         reports.append(r)
         print(f"{target:>16}: {r.cases} cases ({r.decoded} decoded, {r.rejected} rejected), "
               f"{len(r.unexpected)} unexpected errors, {len(r.crashes)} crashes, {len(r.hangs)} hangs, "
               f"slowest case {r.slowest_s:.2f} s", flush=True)
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    summary = {"seed": args.seed, "seconds": args.seconds, "peak_child_rss_mb": round(peak_mb, 1),
+    summary = {"seed": args.seed, "seconds": seconds, "cases_per_target": args.cases, "peak_child_rss_mb": round(peak_mb, 1),
                "targets": [r.__dict__ for r in reports]}
     (out / "fuzz-report.json").write_text(json.dumps(summary, indent=2))
     bad = sum(len(r.unexpected) + len(r.crashes) + len(r.hangs) for r in reports)
@@ -226,7 +250,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_fuzz_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seconds", type=float, default=300, help="total time, split evenly over the targets")
+    p.add_argument("--seconds", type=float, default=None,
+                   help=f"total time, split evenly over the targets (default {DEFAULT_SECONDS:g} without --cases; "
+                        "with --cases, a limit on top of the count)")
+    p.add_argument("--cases", type=int, default=None,
+                   help="run exactly this many cases per target (cases 0..N-1 of the seed), however long they take")
     p.add_argument("--targets", default="all", help=f"comma-separated, from {', '.join(TARGETS)} (default all)")
     p.add_argument("--seed", type=int, default=0, help="run seed: the same seed gives the same cases")
     p.add_argument("--case-timeout", type=float, default=30, help="seconds one case may take before it is a hang")
@@ -239,10 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     add_fuzz_arguments(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--stop", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--progress-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        return _child(args.child, args.seed, args.start, args.seconds, args.progress_file)
+        return _child(args.child, args.seed, args.start, args.seconds, args.progress_file, args.stop)
     return run(args)
 
 

@@ -16,6 +16,7 @@ runs`` lists the runs.
 from __future__ import annotations
 
 import calendar
+import io
 import itertools
 import json
 import time
@@ -24,14 +25,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from ratefit.jobs.plan import shard
-from ratefit.jobs.runner import JobError, RunState, finish, prepare_output, run_pass, write_success
+from ratefit.jobs.build import build_pass, plan_items, plan_shards
+from ratefit.jobs.runner import RunState, finish, prepare_output, run_pass, write_success
 from ratefit.jobs.spec import JobSpec
-from ratefit.workers.compress import CompressConfig
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import (COMPRESS_SCHEMA, MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX,
-                                      STATE_DIR, current_state, latest_snapshot, part_bytes, part_files,
+from ratefit.workers.manifest import (MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX, STATE_DIR,
+                                      STATE_SCHEMA, current_state, latest_snapshot, part_bytes, part_files,
                                       write_snapshot)
 from ratefit.workers.retire import retire_original, retired_dir, tombstone
 from ratefit.workers.storage import atomic_write, open_fs, redact, stat_input, with_retries
@@ -47,10 +48,6 @@ def new_run_id(after: str | None = None) -> str:
     if after is not None and time.strftime("%Y%m%dT%H%M%SZ", now) <= after[:16]:
         now = time.gmtime(calendar.timegm(time.strptime(after[:16], "%Y%m%dT%H%M%SZ")) + 1)
     return time.strftime("%Y%m%dT%H%M%SZ", now) + "-" + uuid.uuid4().hex[:6]
-
-
-def run_manifest_dir(run_id: str) -> str:
-    return f"{MANIFEST_DIR}/{RUN_PREFIX}{run_id}"
 
 
 @dataclass(frozen=True)
@@ -81,6 +78,7 @@ class Delta:
     changed_items: int = 0        # same input, another size/version/codec/target: re-encoded, row superseded
     retried_items: int = 0        # unchanged, but its latest row is an error: tried again
     unchanged_items: int = 0      # left out
+    kept_items: int = 0           # original retired: row and bitstream stay as they are, whatever changed
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -118,6 +116,12 @@ def plan_changes(items: Iterable[Item], seen: dict[str, Seen], spec: JobSpec, de
         size, version = item.size, item.version
         if version is None:
             size, version = stat_input(item.uri, spec.storage_options)
+        if before.retired is not None:
+            if version is None or version == before.version:
+                # Its original is gone (or is the very version that was retired): re-encoding
+                # would read a missing file or its own lossy bitstream. It stays as it is.
+                continue
+            delta.kept_items -= 1   # a new original at the same URI: planned like any change
         target = item.target or default
         same = (version is not None and before.version == version and before.size == size
                 and before.codec == spec.codec and target is not None
@@ -147,8 +151,9 @@ def state_totals(state: pa.Table) -> dict[str, Any]:
             "retired": sum(1 for r in t["retired"] if r is not None)}
 
 
-def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
-    """One incremental run of a compress job over ``items``; returns (and commits) its summary."""
+def run(spec: JobSpec, items: Iterable[Item] | None = None) -> dict[str, Any]:
+    """One incremental run of a compress job over ``items`` (default: the spec's inputs);
+    returns (and commits) its summary."""
     t_start = time.time()
     fs, root = open_fs(spec.output, spec.storage_options)
     if spec.overwrite:
@@ -156,25 +161,19 @@ def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
     # After every earlier run and snapshot: a snapshot covers the runs up to its id.
     run_id = new_run_id(after=max([*run_ids(fs, root), latest_snapshot(fs, root)[0] or ""], default=None) or None)
     seen = seen_inputs(fs, root)
-    delta = Delta()
+    items = plan_items(spec) if items is None else items
+    delta = Delta(kept_items=sum(1 for before in seen.values() if before.retired is not None))
     backlog: list[tuple[Item, Seen]] | None = [] if spec.retire_originals else None
     listed: set[str] | None = set() if spec.retire_originals else None
-    manifest_dir = run_manifest_dir(run_id)
-    config = CompressConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
-                            target=spec.default_target(), storage_options=spec.storage_options,
-                            max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap,
-                            refine_steps=spec.refine_steps,
-                            manifest_dir=manifest_dir, run_id=run_id, retire=spec.retire_originals,
-                            retire_to=spec.retire_to)
-    shards = shard(plan_changes(items, seen, spec, delta, backlog, listed), spec.shard_size)
+    job_pass = build_pass(spec, "compress", run_id)
+    shards = plan_shards(spec, plan_changes(items, seen, spec, delta, backlog, listed))
     first = next(shards, None)
     if first is None:   # nothing new or changed: no workers to start, only the spec check
         with_retries(lambda: prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
         state = RunState()
     else:
-        state = run_pass(spec, itertools.chain([first], shards), config, COMPRESS_SCHEMA, device,
-                         manifest_dir=manifest_dir)
-    summary = finish(spec, fs, root, state, time.time() - t_start, manifest_dir=manifest_dir, write=False)
+        state = run_pass(spec, itertools.chain([first], shards), job_pass)
+    summary = finish(spec, fs, root, state, time.time() - t_start, manifest_dir=job_pass.manifest_dir, write=False)
     if backlog is not None and listed is not None:
         summary["retired_items"] += retire_backlog(spec, fs, root, run_id, backlog, seen, listed)
     state_now = write_snapshot(fs, root, run_id)   # the next run reads this instead of every part
@@ -186,14 +185,28 @@ def run(spec: JobSpec, items: Iterable[Item], device: str) -> dict[str, Any]:
 
 
 def discard_runs(fs, root: str) -> None:
-    """--overwrite: forget earlier runs, unless some retired originals (their bitstreams are
-    then the only copy, and the manifest is the only record of where they came from)."""
-    if part_files(fs, f"{root}/{RETIRED_DIR}"):
-        raise JobError(f"{redact(root)}/{RETIRED_DIR} records retired originals: --overwrite would discard the "
-                       "only record of them; use another OUTPUT")
+    """--overwrite: forget earlier runs, except what no re-run could bring back.
+
+    An item whose original was retired has its bitstream as the only copy and its row as the
+    only record of where it came from. So when some were retired, their current rows are
+    carried over into a fresh state snapshot (with their ``retired`` action) and ``_retired/``
+    stays; everything else is discarded and re-encoded from the originals. The carried items
+    are then kept by every later run (``plan_changes``), and their bitstreams are never touched.
+    """
+    carried = None
+    if part_files(fs, f"{root}/{RETIRED_DIR}") or latest_snapshot(fs, root)[1] is not None:
+        state = current_state(fs, root)
+        retired = state.column("retired").to_pylist()
+        keep = [i for i, r in enumerate(retired) if r is not None]
+        if keep:
+            carried = state.take(keep)
     for name in (RUNS_DIR, MANIFEST_DIR, STATE_DIR):
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
+    if carried is not None:
+        buf = io.BytesIO()
+        pq.write_table(carried.select(STATE_SCHEMA.names).cast(STATE_SCHEMA), buf, compression="zstd")
+        atomic_write(fs, f"{root}/{STATE_DIR}/state-{new_run_id()}.parquet", buf.getvalue())
 
 
 def retire_backlog(spec: JobSpec, fs, root: str, run_id: str, backlog: list[tuple[Item, Seen]],
@@ -207,8 +220,11 @@ def retire_backlog(spec: JobSpec, fs, root: str, run_id: str, backlog: list[tupl
                                spec.storage_options)
         if tomb is not None:
             tombs.append(tomb)
+    # Not listed is not gone (the operator may have pointed this run at another INPUT): only an
+    # input that is really missing gets an already-absent tombstone.
     tombs += [tombstone(before.row(uri), run_id, "already-absent") for uri, before in seen.items()
-              if uri not in listed and before.status == "ok" and before.verified and before.retired is None]
+              if uri not in listed and before.status == "ok" and before.verified and before.retired is None
+              and stat_input(uri, spec.storage_options) == (None, None)]
     if tombs:   # the driver's own part, beside the workers' part-NNNNN
         atomic_write(fs, f"{root}/{retired_dir(run_id)}/part-driver.parquet", part_bytes(tombs, RETIRED_SCHEMA))
     return len(tombs)

@@ -99,13 +99,13 @@ def _qmap_example(fs, rows: dict[str, list], summary: dict[str, Any],
     i = min(picks, key=lambda k: rows["input_uri"][k])
     import matplotlib.pyplot as plt
 
-    from ratefit.codecs.registry import get_codec
     from ratefit.jobs.spec import weights_options
+    from ratefit.workers.codec_loader import load_codec
     from ratefit.workers.decompress import check_container, decode_payload
 
     blob = fs.cat_file(rows["output_uri"][i])
     header, payload = check_container(blob, max_pixels=1 << 62)
-    codec = get_codec(header.codec, **weights_options({}, summary["spec"].get("weights"), storage_options or {}))
+    codec = load_codec(header.codec, **weights_options({}, summary["spec"].get("weights"), storage_options or {}))
     pixels = decode_payload(codec, header, payload)
     grid, span, _ = codec.coded_map(payload, header.width, header.height)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

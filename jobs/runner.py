@@ -1,43 +1,35 @@
-"""Run a planned job over a pool of shard actors: resume, retries, progress, finish.
+"""Run a pass of a job over the pool of shard workers, and finish the job.
 
-The driver only ever holds the shards in flight plus, per planned shard, its size and a
-fingerprint of its inputs. After the last shard it checks every planned shard against its
-committed manifest part (same count, same inputs, so every item has exactly one row) and
-only then writes ``_SUCCESS``.
+A pass (``jobs/build.py``) names its worker config, where its parts go and how it resumes;
+the pool (``jobs/pool.py``) runs its shards. The driver only ever holds the shards in flight
+plus, per planned shard, its size and a fingerprint of its inputs. After the last shard it
+checks every planned shard against its committed manifest part (same count, same inputs, so
+every item has exactly one row) and only then writes ``_SUCCESS``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Iterator
 
-
-from ratefit.cluster.connect import cluster_cpus, cluster_gpus, connect
+from ratefit.jobs.build import PLAN_DIR, RESUME_BY_SHARD, Pass
+from ratefit.jobs.errors import JobError
+from ratefit.jobs.pool import open_pool
 from ratefit.jobs.progress import Progress
 from ratefit.jobs.spec import JobSpec
-from ratefit.workers.actor import ShardWorker
 from ratefit.workers.items import Shard
 from ratefit.workers.manifest import (MANIFEST_DIR, committed_rows, existing_parts, parquet_table, part_name,
                                      part_stats, shard_fingerprint, write_part)
-from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, open_fs, redact, set_retry_window,
-                                     with_retries)
+from ratefit.workers.storage import atomic_write, fetch, open_fs, redact, set_retry_window, with_retries
 
-log = logging.getLogger("ratefit")
 JOB_RECORD = "_ratefit_job.json"
 SUCCESS = "_SUCCESS"
-PLAN_DIR = "_plan"   # a budget job's probes, allocation and correction pass
-MAX_ATTEMPTS = 3
-IN_FLIGHT_PER_WORKER = 2
 
-
-class JobError(RuntimeError):
-    """The job could not complete; the message says why and what to do."""
+__all__ = ["JobError", "RunState", "finish", "prepare_output", "run_pass", "run_shards", "write_success"]
 
 
 def ratefit_version() -> str:
@@ -51,12 +43,6 @@ def ratefit_version() -> str:
 class _Planned:
     count: int
     fingerprint: str
-
-
-@dataclass
-class _Slot:
-    actor: Any
-    busy: int = 0
 
 
 @dataclass
@@ -80,26 +66,17 @@ def prepare_output(spec: JobSpec, fs, root: str) -> None:
                 fs.rm(path, recursive=True)
     elif fs.exists(record_path):
         old = json.loads(fs.cat_file(record_path))
-        if old.get("spec_hash") != spec.spec_hash():
+        if not spec.same_job(old):
             raise JobError(
                 f"{redact(spec.output)} already holds a different {old.get('kind', 'ratefit')} job "
-                f"(spec hash {old.get('spec_hash', '?')[:12]}, this one {spec.spec_hash()[:12]}); "
-                "use --overwrite to start over, or another OUTPUT")
+                f"(spec hash {old.get('spec_hash', '?')[:12]}, this one {spec.spec_hash()[:12]}; "
+                f"{spec.hash_fields_note()}); use --overwrite to start over, or another OUTPUT")
     elif existing_parts(fs, manifest):
         raise JobError(f"{redact(spec.output)}/{MANIFEST_DIR} holds parts of an unknown job; "
                        "use --overwrite to start over, or another OUTPUT")
-    record = {"kind": spec.kind, "spec_hash": spec.spec_hash(), "ratefit_version": ratefit_version(),
-              "spec": spec.to_dict(redacted=True)}
+    record = {"kind": spec.kind, "spec_hash": spec.spec_hash(), "spec_hash_version": spec.HASH_VERSION,
+              "ratefit_version": ratefit_version(), "spec": spec.to_dict(redacted=True)}
     atomic_write(fs, record_path, json.dumps(record, indent=2).encode())
-
-
-def _creation_error(e: Exception) -> str:
-    """The exception line of an actor's failed constructor (Ray wraps it in a traceback)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception): ", line):
-            return redact(re.sub(r"^(?:[a-z_]\w*\.)+(?=[A-Z])", "", line))
-    return redact(lines[-1] if lines else type(e).__name__)
 
 
 def _failed_rows(shard: Shard, schema, attempt: int, reason: str) -> list[dict]:
@@ -112,114 +89,64 @@ def _failed_rows(shard: Shard, schema, attempt: int, reason: str) -> list[dict]:
     return rows
 
 
-def run_shards(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema,
-               codec_device: str = "cpu") -> dict[str, Any]:
-    """Process ``shards`` on a pool of ShardWorker actors and finish the job."""
+def run_shards(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass) -> dict[str, Any]:
+    """Run a one-pass job (decompress) and finish it."""
     t_start = time.time()
-    state = run_pass(spec, shards, worker_config, schema, codec_device)
+    state = run_pass(spec, shards, job_pass)
     fs, root = open_fs(spec.output, spec.storage_options)
     return finish(spec, fs, root, state, time.time() - t_start)
 
 
-def run_pass(spec: JobSpec, shards: Iterator[Shard], worker_config: Any, schema, codec_device: str = "cpu",
-             manifest_dir: str = MANIFEST_DIR, label: str | None = None) -> RunState:
-    """Process ``shards`` until each has a committed part under ``OUTPUT/manifest_dir``.
+def run_pass(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass) -> RunState:
+    """Process ``shards`` until each has a committed part under ``OUTPUT/<job_pass.manifest_dir>``.
 
-    One pass of a job: a plain job has one; a budget job has a probe pass, the encode pass
-    and a correction pass, each with its own parts folder (so each resumes on its own).
-    ``worker_config.manifest_dir`` must name the same folder.
+    A plain job has one pass; a budget job has a probe pass, the encode pass and a correction
+    pass, each with its own parts folder (so each resumes on its own).
     """
-    import ray
-    from ray.exceptions import RayActorError, RayError
-
     set_retry_window(spec.storage_retry_s)
     fs, root = open_fs(spec.output, spec.storage_options)
-    manifest_root = f"{root}/{manifest_dir}"
-    started = connect(spec.address)
+    manifest_root = f"{root}/{job_pass.manifest_dir}"
     state = RunState()
-    progress = Progress(spec.progress, label or ("compress" if spec.kind == "compress" else "decompress"))
-    slots: list[_Slot] = []
+    progress = Progress(spec.progress, job_pass.name)
+    pool = None
     try:
-        gpus = spec.gpus_per_worker
-        if gpus is None:
-            gpus = 1.0 if codec_device == "cuda" and cluster_gpus() >= 1 else 0.0
-        n_workers = spec.workers or (int(cluster_gpus() // gpus) if gpus > 0 else int(cluster_cpus()))
-        n_workers = max(1, n_workers)
-        # The driver restarts actors itself (a fresh one replaces a dead one), so it always
-        # knows which attempt a shard is on and never loses capacity.
-        remote_cls = ray.remote(ShardWorker).options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0)
-        slots = [_Slot(remote_cls.remote(worker_config, spec.storage_retry_s)) for _ in range(n_workers)]
-        try:   # the workers build the codec: one that cannot be built stops the job here, OUTPUT untouched
-            ray.get(slots[0].actor.ready.remote())
-        except RayActorError as e:
-            raise JobError(f"the workers could not start: {_creation_error(e)}") from None
+        # The pool starts (and checks) the workers first: a codec that cannot be built stops
+        # the job here, with OUTPUT untouched.
+        pool = open_pool(job_pass.config, job_pass.device, in_process=spec.in_process,
+                         storage_retry_s=spec.storage_retry_s, address=spec.address, workers=spec.workers,
+                         gpus_per_worker=spec.gpus_per_worker)
         with_retries(lambda: prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
-        done = existing_parts(fs, manifest_root)
-        in_flight: dict[Any, tuple[_Slot, Any, Shard, int]] = {}
+        done = existing_parts(fs, manifest_root) if job_pass.resume == RESUME_BY_SHARD else set()
 
-        def submit(slot: _Slot, shard: Shard, attempt: int) -> None:
-            ref = slot.actor.process.remote(shard, attempt)
-            slot.busy += 1
-            in_flight[ref] = (slot, slot.actor, shard, attempt)
-
-        def collect_one() -> None:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = ready[0]
-            slot, actor, shard, attempt = in_flight.pop(ref)
-            slot.busy -= 1
-            try:
-                summary = ray.get(ref)
-                state.stats[shard.index] = summary["stats"]
-                progress.advance(summary["items"], summary["input_bytes"])
-            except StorageUnavailable as e:
-                # Not the items' fault: stop rather than record an outage as bad items.
-                # Every committed shard stays committed, so the same command resumes.
-                cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise JobError(f"shard {shard.index}: {cause}. Nothing is lost: re-run the same "
-                               "command once the store answers, and the job resumes") from None
-            except RayError as e:
-                reason = redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                if isinstance(e, RayActorError) and slot.actor is actor:
-                    log.warning("worker for shard %d died (%s); starting a new one", shard.index, reason)
-                    slot.actor = remote_cls.remote(worker_config, spec.storage_retry_s)
-                if attempt < MAX_ATTEMPTS:
-                    log.warning("shard %d attempt %d failed (%s); retrying", shard.index, attempt, reason)
-                    state.retried_shards += 1
-                    submit(min(slots, key=lambda s: s.busy), shard, attempt + 1)
-                else:
-                    state.failed_shards += 1
-                    # A part committed before the failures (they came after it) stands.
-                    rows = committed_rows(fs, manifest_root, shard.index)
-                    if rows is None:
-                        rows = _failed_rows(shard, schema, attempt, f"failed {attempt} times: {reason}")
-                        write_part(fs, manifest_root, shard.index, rows, schema)
-                    state.stats[shard.index] = part_stats(rows)
+        def to_run() -> Iterator[Shard]:
+            for shard in shards:
+                uris = [redact(item.uri) or "" for item in shard.items]
+                state.planned[shard.index] = _Planned(len(uris), shard_fingerprint(uris))
+                if shard.index in done:
+                    state.resumed_shards += 1
                     progress.advance(len(shard.items), 0)
+                    continue
+                yield shard
 
-        for shard in shards:
-            uris = [redact(item.uri) or "" for item in shard.items]
-            state.planned[shard.index] = _Planned(len(uris), shard_fingerprint(uris))
-            if shard.index in done:
-                state.resumed_shards += 1
-                progress.advance(len(shard.items), 0)
+        for result in pool.run(to_run()):
+            shard = result.shard
+            if result.summary is not None:
+                state.stats[shard.index] = result.summary["stats"]
+                progress.advance(result.summary["items"], result.summary["input_bytes"])
                 continue
-            while True:
-                slot = min(slots, key=lambda s: s.busy)
-                if slot.busy < IN_FLIGHT_PER_WORKER:
-                    break
-                collect_one()
-            submit(slot, shard, 1)
-        while in_flight:
-            collect_one()
+            state.failed_shards += 1
+            # A part committed before the failures (they came after it) stands.
+            rows = committed_rows(fs, manifest_root, shard.index)
+            if rows is None:
+                rows = _failed_rows(shard, job_pass.schema, result.attempts, result.failure or "failed")
+                write_part(fs, manifest_root, shard.index, rows, job_pass.schema)
+            state.stats[shard.index] = part_stats(rows)
+            progress.advance(len(shard.items), 0)
+        state.retried_shards = pool.retried
     finally:
         progress.close()
-        for slot in slots:
-            try:
-                ray.kill(slot.actor)
-            except Exception:
-                pass
-        if started:
-            ray.shutdown()
+        if pool is not None:
+            pool.close()
     return state
 
 

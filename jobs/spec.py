@@ -1,8 +1,10 @@
 """The job spec: one validated object behind the CLI, ``ray job submit`` and the Python API.
 
-A spec is built from CLI flags or a YAML/JSON file (any fsspec URL). Its hash covers
-exactly the fields that change what the job writes, so a re-run with the same hash may
-resume and a different one must not silently mix outputs.
+A spec is built from CLI flags or a YAML/JSON file (any fsspec URL). Its hash covers what a
+re-run into the same OUTPUT must agree on (``hashed_fields``): what changes an output's bytes
+for the same input, plus, for jobs that resume by shard, what shapes the shards and the plan.
+Codec and target are left to the rows of compress jobs, whose incremental runs re-plan items
+whose codec or target changed.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from ratefit.workers.storage import redact, redact_options
 DEFAULT_CODEC = "gain-hyperprior"
 DEFAULT_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".avif")
 LISTING_SUFFIXES = (".parquet", ".csv")
-_HASHED = ("kind", "input", "codec", "codec_options", "target_bpp", "target_bytes", "target_psnr",
-           "extensions", "shard_size", "max_pixels", "ms_ssim")
-# Hashed only when set, so specs without a budget keep the hashes they had before budgets existed.
-_HASHED_IF_SET = {"weights": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr", "probes": None,
-                  "qmap": None, "refine_steps": 0}
+# What the spec hash covers (``JobSpec.spec_hash``), by what a job's outputs and resume depend on.
+# Every job: what changes an output's bytes for the same input. Codec and target are not among
+# them for compress jobs: each row records its own, and an incremental run re-plans the items
+# whose codec or target changed instead of refusing the job.
+_HASH_OUTPUT = {"kind": None, "codec_options": {}, "weights": None, "qmap": None, "refine_steps": 0}
+# Jobs that resume by shard (budget, decompress) also need the same shards and, for budgets, the plan.
+_HASH_SHARDS = {"input": None, "extensions": None, "shard_size": None, "max_pixels": None}
+_HASH_BUDGET = {"codec": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr",
+                "probes": None}
 MAX_REFINE_STEPS = 10_000
 OBJECTIVES = ("psnr", "mse")   # a budget job maximises mean PSNR over items, or minimises total squared error
 
@@ -78,6 +84,7 @@ class JobSpec:
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     address: str | None = None         # Ray address; None = embedded local Ray (or the submitting cluster)
+    in_process: bool = False           # run the shards in this process, without Ray (small jobs, debugging)
     progress: bool | None = None       # None: a bar only on a terminal and when CI is unset
 
     def __post_init__(self) -> None:
@@ -142,6 +149,8 @@ class JobSpec:
             if isinstance(self.gpus_per_worker, bool) or not (0 <= gpus <= 8):
                 raise SpecError(f"gpus_per_worker: must be a number within 0..8, got {self.gpus_per_worker!r}")
             self.gpus_per_worker = gpus
+        if not isinstance(self.in_process, bool):
+            raise SpecError(f"in_process: must be true or false, got {self.in_process!r}")
         if not isinstance(self.storage_options, dict) or not isinstance(self.codec_options, dict):
             raise SpecError("storage_options and codec_options must be mappings")
         if self.weights is not None and (not isinstance(self.weights, str) or not self.weights):
@@ -216,14 +225,39 @@ class JobSpec:
             d["address"] = redact(self.address)
         return d
 
+    HASH_VERSION = 2   # 1: every field that shaped the job, codec and target included (refused any change)
+
+    def hashed_fields(self) -> list[str]:
+        """The fields this job's hash covers: a re-run into the same OUTPUT must agree on them."""
+        fields = list(_HASH_OUTPUT)
+        if self.kind == "decompress" or self.is_budget:
+            fields += list(_HASH_SHARDS)
+        if self.is_budget:
+            fields += list(_HASH_BUDGET)
+        return fields
+
     def spec_hash(self) -> str:
         # Unredacted: two specs differing only in a secret-looking codec option are different
         # jobs. The hash is one-way, so nothing secret can be read back from it.
-        d = self.to_dict(redacted=False)
-        fields = {k: d[k] for k in _HASHED}
-        fields.update({k: d[k] for k, default in _HASHED_IF_SET.items() if d[k] != default})
-        payload = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(payload.encode()).hexdigest()
+        return _hash_of(self.to_dict(redacted=False), self.hashed_fields())
+
+    def same_job(self, record: dict[str, Any]) -> bool:
+        """Whether an OUTPUT's job record (``runner.JOB_RECORD``) is this job, so it may go on.
+
+        Records from before hash version 2 are compared on their stored (redacted) spec with
+        today's rule, so an OUTPUT written by an older ratefit keeps running.
+        """
+        if record.get("spec_hash_version") == self.HASH_VERSION:
+            return record.get("spec_hash") == self.spec_hash()
+        old = record.get("spec")
+        if not isinstance(old, dict) or old.get("kind", "compress") != self.kind:
+            return False
+        fields = self.hashed_fields()
+        return _hash_of(old, fields) == _hash_of(self.to_dict(redacted=True), fields)
+
+    def hash_fields_note(self) -> str:
+        changeable = "; codec and target may change between runs" if self.kind == "compress" and not self.is_budget else ""
+        return f"it covers {', '.join(f for f in self.hashed_fields() if f != 'kind')}{changeable}"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "JobSpec":
@@ -235,6 +269,17 @@ class JobSpec:
         if isinstance(data.get("extensions"), list):
             data["extensions"] = tuple(data["extensions"])
         return cls(**data)
+
+
+def _hash_of(d: dict[str, Any], fields: list[str]) -> str:
+    """SHA-256 of ``fields`` of a spec dict; a field at its default is left out, so adding a
+    field with a default never changes the hashes of specs that do not set it."""
+    defaults = {**_HASH_OUTPUT, **_HASH_SHARDS, **_HASH_BUDGET}
+    picked = {k: d.get(k, defaults[k]) for k in fields}
+    picked = {k: list(v) if isinstance(v, tuple) else v for k, v in picked.items()
+              if k == "kind" or v != defaults[k]}
+    payload = json.dumps(picked, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def load_spec_file(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from PIL import Image
 from ratefit.codecs.gain_hyperprior import export_weights, load_model, resolve_device
 from ratefit.codecs.gained import GainedHyperprior, ModelConfig, geometric_lambdas, pad_to_multiple
 from ratefit.jobs.train_fast import EMA, make_batches, make_loss, make_optimizers, make_step, prepare_model
+from ratefit.workers.codec_loader import read_weights_file
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"   # ../shared/data beside the repo
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -278,7 +279,7 @@ def train(args: argparse.Namespace) -> int:
         plan = resolve_plan(args, ckpt.get("plan", {}))
     elif args.init:
         # Continue a run from its shipped (EMA) weights: fresh optimisers, schedule where it was.
-        model, _, meta = load_model(args.init, torch.device("cpu"))
+        model, _, meta = load_model(read_weights_file(args.init), torch.device("cpu"))
         model.train()
         for p in model.parameters():
             p.requires_grad_(True)
@@ -601,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.next_pack:
-        from ratefit.codecs.weights import read_weights
+        from ratefit.workers.codec_loader import read_weights
         print(next_pack(read_weights(args.next_pack)[3]))
         return 0
     missing = [d for d in args.data or () if not Path(d).is_dir()]

@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 
 from ratefit.codecs.gain_hyperprior import GainHyperpriorCodec
+from ratefit.workers.codec_loader import read_weights_file
 
 
 def main() -> None:
     weights = sys.argv[1] if len(sys.argv) > 1 else None
     kodak = Path(sys.argv[2] if len(sys.argv) > 2 else Path(__file__).resolve().parents[2] / "shared/data/kodak")
-    codec = GainHyperpriorCodec(weights=weights, device="cpu")
+    codec = GainHyperpriorCodec(weights=read_weights_file(weights) if weights else None, device="cpu")
     model = codec.model
     torch.manual_seed(0)
     eps_list = (1e-7, 1e-6, 1e-5)

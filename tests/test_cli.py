@@ -60,7 +60,7 @@ def test_bad_invocations_fail_with_one_clear_line(tmp_path):
 def test_refine_steps_flag_reaches_the_spec(tmp_path):
     import argparse
 
-    from ratefit.jobs.recompress import add_compress_arguments, spec_from_args
+    from ratefit.jobs.cli import add_compress_arguments, spec_from_args
 
     parser = argparse.ArgumentParser()
     add_compress_arguments(parser)

@@ -23,6 +23,7 @@ from ratefit.codecs.gained import GainedHyperprior, ModelConfig
 from ratefit.codecs.rate import Target, search
 from ratefit.codecs.weights import WeightsError
 from ratefit.jobs import train as train_job
+from ratefit.workers.codec_loader import read_weights_file
 from ratefit.workers.decompress import DecompressConfig, Decompressor
 from ratefit.workers.items import Item
 
@@ -51,7 +52,7 @@ def weights_b(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def codec(weights_a) -> GainHyperpriorCodec:
-    return GainHyperpriorCodec(weights=str(weights_a), device="cpu")
+    return GainHyperpriorCodec(weights=read_weights_file(str(weights_a)), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_round_trip_decodes_identically_in_a_fresh_process_state(codec, weights_
     prepared = codec.prepare(photo)
     payload = codec.encode(prepared, 1.7)
     first = codec.decode(payload, photo.shape[1], photo.shape[0], 1.7)
-    other = GainHyperpriorCodec(weights=str(weights_a), device="cpu")   # weights loaded anew
+    other = GainHyperpriorCodec(weights=read_weights_file(str(weights_a)), device="cpu")   # weights loaded anew
     second = other.decode(payload, photo.shape[1], photo.shape[0], 1.7)
     assert first.shape == photo.shape and first.dtype == np.uint8
     assert np.array_equal(first, second)
@@ -152,17 +153,17 @@ def test_weights_that_are_not_ours_are_refused(tmp_path):
     bad = tmp_path / "x.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(WeightsError, match="x.safetensors"):
-        GainHyperpriorCodec(weights=str(bad), device="cpu")
+        GainHyperpriorCodec(weights=read_weights_file(str(bad)), device="cpu")
     with pytest.raises(WeightsError):
-        GainHyperpriorCodec(weights=str(tmp_path / "missing.safetensors"), device="cpu")
+        GainHyperpriorCodec(weights=read_weights_file(str(tmp_path / "missing.safetensors")), device="cpu")
 
 
 def test_entropy_path_survives_cross_device_size_perturbations(weights_a, photo):
     """A GPU computes h_s with different rounding than a CPU. In float64 those differences
     are ~1e-15 relative; perturbing the decoder's h_s weights by 1e-12 (a thousand times
     more) must still decode to the very same image, i.e. no scale index flips."""
-    enc = GainHyperpriorCodec(weights=str(weights_a), device="cpu")
-    dec = GainHyperpriorCodec(weights=str(weights_a), device="cpu")
+    enc = GainHyperpriorCodec(weights=read_weights_file(str(weights_a)), device="cpu")
+    dec = GainHyperpriorCodec(weights=read_weights_file(str(weights_a)), device="cpu")
     h_s64 = dec.model.h_s64()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -177,8 +178,8 @@ def test_entropy_path_survives_cross_device_size_perturbations(weights_a, photo)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_and_cpu_bitstreams_decode_identically_both_ways(weights_a, photo):
-    cpu = GainHyperpriorCodec(weights=str(weights_a), device="cpu")
-    gpu = GainHyperpriorCodec(weights=str(weights_a), device="cuda")
+    cpu = GainHyperpriorCodec(weights=read_weights_file(str(weights_a)), device="cpu")
+    gpu = GainHyperpriorCodec(weights=read_weights_file(str(weights_a)), device="cuda")
     h, w = photo.shape[:2]
     for v in (0.0, 1.3, 3.0):
         from_gpu = gpu.encode(gpu.prepare(photo), v)
@@ -207,7 +208,7 @@ def test_trainer_smoke_checkpoints_resumes_and_exports(tmp_path, samples_dir):
     assert log[0].startswith("step,") and [r.split(",")[0] for r in log[1:]] == ["1", "2", "3", "4", "5"]
     assert all(math.isfinite(float(r.split(",")[1])) for r in log[1:])
     assert (out / "eval_log.jsonl").read_text().count('"level"') == 3
-    codec = GainHyperpriorCodec(weights=str(export), device="cpu")
+    codec = GainHyperpriorCodec(weights=read_weights_file(str(export)), device="cpu")
     # 3 trained levels (0..2); how far the codec extrapolates beyond them is gained.py's business.
     assert codec.model.config.levels == 3 and codec.control.low < 0 and codec.control.high > 2
     img = np.asarray(Image.open(data / "coffee.png").convert("RGB"))[:80, :90].copy()
@@ -219,7 +220,7 @@ def test_trainer_smoke_checkpoints_resumes_and_exports(tmp_path, samples_dir):
     assert train_job.main(["--data", str(data), "--out", str(tmp_path / "run2"), "--init", str(export),
                            "--steps", "2", "--batch-size", "2", "--crop", "64", "--device", "cpu",
                            "--export", str(again)]) == 0
-    continued = GainHyperpriorCodec(weights=str(again), device="cpu")
+    continued = GainHyperpriorCodec(weights=read_weights_file(str(again)), device="cpu")
     assert continued.weights_metadata["trained_steps"] == "7"
     assert continued.model.config == codec.model.config
 
@@ -251,7 +252,7 @@ def test_job_round_trip_through_ray_with_learned_codec(photo_dir, tmp_path, weig
         assert r["bpp"] <= 1.2 and r["bpp"] >= 0.99 * 1.2, r
         assert r["encodes"] == 1 and r["codec"] == "gain-hyperprior"
         header, _ = container.unpack(Path(r["output_uri"]).read_bytes())
-        assert header.weights_sha256 == GainHyperpriorCodec(weights=str(weights_a), device="cpu").weights_sha256
+        assert header.weights_sha256 == GainHyperpriorCodec(weights=read_weights_file(str(weights_a)), device="cpu").weights_sha256
         assert header.value == pytest.approx(r["rate_param"])
     back = decompress.run(JobSpec(input=str(comp), output=str(rest), kind="decompress",
                                   codec="gain-hyperprior", codec_options=opts))

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from ratefit.codecs.metrics import psnr
-from ratefit.jobs import decompress, recompress
+from ratefit.jobs import cli, decompress, recompress
 from ratefit.jobs.runner import JobError
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.manifest import COMPRESS_SCHEMA
@@ -106,8 +106,9 @@ def test_rerun_does_only_what_is_missing_and_overwrite_starts_over(photo_dir, tm
     assert third["items"] == 1 and third["new_items"] == 1 and third["unchanged_items"] == 2
     assert len(manifest(out)) == 3 and third["state"]["inputs"] == 3
 
-    with pytest.raises(JobError, match="different compress job"):
-        recompress.run(JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=10000, shard_size=1))
+    with pytest.raises(JobError, match="different compress job"):   # another codec option: other bytes
+        recompress.run(JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=10000, shard_size=1,
+                               codec_options={"subsampling": "4:4:4"}))
     redo = recompress.run(JobSpec(input=str(photo_dir), output=str(out), codec="jpeg", target_bytes=10000,
                                   shard_size=1, overwrite=True))
     assert redo["items"] == 3 and redo["unchanged_items"] == 0
@@ -167,7 +168,7 @@ def test_decompress_reports_corrupt_and_foreign_containers(photo_dir, tmp_path):
     assert "junk.rfic" in errors
 
     # The pixel limit holds for containers too, from the CLI, before anything is decoded.
-    assert decompress.main([str(comp), str(tmp_path / "small"), "--max-pixels", "100000", "--no-progress"]) == 0
+    assert cli.main(["decompress", str(comp), str(tmp_path / "small"), "--max-pixels", "100000", "--no-progress"]) == 0
     limited = {Path(r["input_uri"]).name: r for r in manifest(tmp_path / "small").to_pylist()}
     big = limited["café.png.jpg.rfic"]     # 600x400 = 240,000 pixels
     assert big["status"] == "error" and "over the limit of 100000" in big["error"]
@@ -247,7 +248,7 @@ def test_a_killed_worker_process_is_replaced_and_its_shard_retried(samples_dir, 
 
 def test_verify_flag_reads_every_file_back_and_counts_it(messy_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert recompress.main([str(messy_dir), str(out), "--codec", "jpeg", "--target-bpp", "0.8", "--verify",
+    assert cli.main(["compress", str(messy_dir), str(out), "--codec", "jpeg", "--target-bpp", "0.8", "--verify",
                             "--shard-size", "3", "--no-progress"]) == 0
     summary = json.loads((out / "_SUCCESS").read_text())
     assert summary["spec"]["verify"] is True

@@ -152,19 +152,56 @@ def test_spec_hash_is_stable():
 
 
 @pytest.mark.parametrize("change", [
+    {"codec_options": {"quality_boost": 1}},
+    {"weights": "w.safetensors"},
+    {"refine_steps": 5},
+    {"kind": "decompress", "target_bpp": None},
+])
+def test_spec_hash_changes_with_what_changes_an_outputs_bytes(change):
+    assert spec(**change).spec_hash() != spec().spec_hash()
+
+
+@pytest.mark.parametrize("change", [
     {"target_bpp": 1.01},
     {"target_bpp": None, "target_bytes": 1.0},
     {"target_bpp": None, "target_psnr": 1.0},
     {"codec": "webp"},
-    {"codec_options": {"quality_boost": 1}},
     {"input": "other"},
     {"shard_size": 17},
     {"max_pixels": 1000},
     {"ms_ssim": False},
     {"extensions": (".png",)},
 ])
-def test_spec_hash_changes_with_what_the_job_writes(change):
-    assert spec(**change).spec_hash() != spec().spec_hash()
+def test_a_compress_jobs_hash_leaves_what_each_row_records_or_only_plans_to_its_runs(change):
+    """Codec and target are in every row: an incremental run re-plans the items whose codec or
+    target changed (tests/test_incremental.py), so the job is not refused for them."""
+    assert spec(**change).spec_hash() == spec().spec_hash()
+
+
+@pytest.mark.parametrize("change", [
+    {"codec": "webp"},
+    {"codec_options": {"quality_boost": 1}},
+    {"input": "other"},
+    {"shard_size": 17},
+    {"max_pixels": 1000},
+    {"extensions": (".png",)},
+    {"budget_bytes": 2000.0},
+    {"objective": "mse"},
+    {"probes": 4},
+])
+def test_a_budget_jobs_hash_covers_its_shards_and_plan(change):
+    """Budget jobs resume by shard and reuse their plan: both must be the same."""
+    base = {"target_bpp": None, "budget_bytes": 1000.0}
+    assert spec(**{**base, **change}).spec_hash() != spec(**base).spec_hash()
+
+
+def test_records_of_older_hash_versions_compare_on_their_stored_spec():
+    s = spec()
+    old = {"kind": "compress", "spec_hash": "0" * 64, "spec": spec(target_bpp=2.0).to_dict(redacted=True)}
+    assert s.same_job(old)   # v1 hashed the target; today a target change is re-planned, not refused
+    assert not s.same_job({**old, "spec": spec(codec_options={"quality_boost": 1}).to_dict(redacted=True)})
+    assert s.same_job({"spec_hash_version": s.HASH_VERSION, "spec_hash": s.spec_hash()})
+    assert not s.same_job({"spec_hash_version": s.HASH_VERSION, "spec_hash": "0" * 64})
 
 
 @pytest.mark.parametrize("change", [

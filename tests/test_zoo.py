@@ -25,12 +25,13 @@ from ratefit.codecs.base import CodecError, payload_weights_sha256
 from ratefit.codecs.gain_hyperprior import BUNDLED_WEIGHTS, load_model
 from ratefit.codecs.metrics import psnr
 from ratefit.codecs.rate import Target, search
-from ratefit.codecs.registry import describe, get_codec
-from ratefit.codecs.weights import WeightsError, bundled_path
+from ratefit.codecs.registry import describe
+from ratefit.codecs.weights import WeightsError, bundled_weights
 from ratefit.codecs.zoo import VBR_GRID, _FIXED_HEAD, _VBR_HEAD
 from ratefit.codecs.zoo_export import checkpoint_bytes, mbt2018_mean_state
 from ratefit.jobs import decompress, recompress
 from ratefit.jobs.spec import JobSpec
+from ratefit.workers.codec_loader import load_codec
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -55,7 +56,7 @@ def _random_state(cls, N: int, M: int, seed: int, spread: float = 40.0, **kwargs
 def trained_mbt(tmp_path_factory) -> Path:
     """mbt2018-mean qualities 2, 4 and 6, exported from the bundled trained model."""
     folder = tmp_path_factory.mktemp("mbt2018-mean")
-    model, _, _ = load_model(bundled_path(BUNDLED_WEIGHTS), torch.device("cpu"))
+    model, _, _ = load_model(bundled_weights(BUNDLED_WEIGHTS), torch.device("cpu"))
     for level in (1, 3, 5):
         data = checkpoint_bytes(mbt2018_mean_state(model, level))
         (folder / f"mbt2018-mean-{level + 1}-{hashlib.sha256(data).hexdigest()[:8]}.pth.tar").write_bytes(data)
@@ -88,9 +89,9 @@ def test_every_zoo_codec_is_described_without_weights():
     for slow in ("compressai:mbt2018", "compressai:cheng2020-anchor", "compressai:cheng2020-attn"):
         assert describe(slow)["speed"] == "slow" and describe(slow)["kind"] == "discrete"
     with pytest.raises(CodecError, match="needs weights"):
-        get_codec("compressai:mbt2018-mean")
+        load_codec("compressai:mbt2018-mean")
     with pytest.raises(KeyError, match="CompressAI zoo models ratefit runs"):
-        get_codec("compressai:no-such-model")
+        load_codec("compressai:no-such-model")
 
 
 # ------------------------------------------------------------------------- fixed-rate with Δ
@@ -98,8 +99,8 @@ def test_every_zoo_codec_is_described_without_weights():
 def test_export_is_the_gained_model_at_that_level(samples_dir, trained_mbt):
     """The zoo codec at network k with Δ = 1 prices an image as the gained model at that level."""
     img = _photo(samples_dir)
-    gained = get_codec("gain-hyperprior", device="cpu")
-    zoo = get_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
+    gained = load_codec("gain-hyperprior", device="cpu")
+    zoo = load_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
     assert [s.quality for s in zoo.sources] == [2, 4, 6]
     pz, pg = zoo.prepare(img), gained.prepare(img)
     for k, level in ((1, 1), (2, 3), (3, 5)):
@@ -111,7 +112,7 @@ def test_export_is_the_gained_model_at_that_level(samples_dir, trained_mbt):
 
 def test_fixed_rate_codec_is_continuous_and_monotone_across_networks(samples_dir, trained_mbt):
     img = _photo(samples_dir, "coffee.png")
-    codec = get_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
+    codec = load_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
     prep = codec.prepare(img)
     n = len(codec.sources)
     values = np.linspace(0.0, n + 1.0, 4 * (n + 1) + 1)
@@ -134,7 +135,7 @@ def test_fixed_rate_codec_is_continuous_and_monotone_across_networks(samples_dir
 
 
 def test_target_search_lands_within_one_percent_below(samples_dir, trained_mbt):
-    codec = get_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
+    codec = load_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
     for name in ("chelsea.png", "coffee.png", "rocket.jpg"):
         img = _photo(samples_dir, name)
         pixels = img.shape[0] * img.shape[1]
@@ -172,7 +173,7 @@ def test_job_round_trip_with_headers_naming_the_network(tmp_path, photo_dir, tra
 
 def test_containers_are_refused_by_other_weights(tmp_path, samples_dir, trained_mbt, small_weights):
     img = _photo(samples_dir)
-    codec = get_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
+    codec = load_codec("compressai:mbt2018-mean", weights=str(trained_mbt), device="cpu")
     payload = codec.encode(codec.prepare(img), 1.0)
     blob = container.pack(codec.name, payload, value=1.0, width=img.shape[1], height=img.shape[0],
                           weights_sha256=payload_weights_sha256(codec, payload))
@@ -192,10 +193,10 @@ def test_containers_are_refused_by_other_weights(tmp_path, samples_dir, trained_
     assert "written with compressai:mbt2018-mean weights" in row["error"]
     # Weights of another architecture do not load at all, with the mismatch named.
     with pytest.raises(WeightsError, match="does not fit compressai:bmshj2018-hyperprior"):
-        get_codec("compressai:bmshj2018-hyperprior", weights=str(next(trained_mbt.glob("mbt2018-mean-2-*"))))
+        load_codec("compressai:bmshj2018-hyperprior", weights=str(next(trained_mbt.glob("mbt2018-mean-2-*"))))
     # A folder without any checkpoint of the model says what it looked for.
     with pytest.raises(WeightsError, match=r"looked for cheng2020-anchor-<quality>"):
-        get_codec("compressai:cheng2020-anchor", weights=str(trained_mbt))
+        load_codec("compressai:cheng2020-anchor", weights=str(trained_mbt))
 
 
 def test_checkpoints_are_never_unpickled(tmp_path):
@@ -206,10 +207,10 @@ def test_checkpoints_are_never_unpickled(tmp_path):
     path = tmp_path / "bmshj2018-hyperprior-1-deadbeef.pth.tar"
     torch.save({"g_a.0.weight": torch.zeros(1), "payload": Evil()}, path)
     with pytest.raises(WeightsError, match="weights_only=True"):
-        get_codec("compressai:bmshj2018-hyperprior", weights=str(path))
+        load_codec("compressai:bmshj2018-hyperprior", weights=str(path))
     (tmp_path / "junk.pth").write_bytes(b"\x00" * 100)
     with pytest.raises(WeightsError, match="not a checkpoint"):
-        get_codec("compressai:bmshj2018-hyperprior", weights=str(tmp_path / "junk.pth"))
+        load_codec("compressai:bmshj2018-hyperprior", weights=str(tmp_path / "junk.pth"))
 
 
 def test_scale_hyperprior_and_a_training_checkpoint(tmp_path, samples_dir, small_weights):
@@ -220,7 +221,7 @@ def test_scale_hyperprior_and_a_training_checkpoint(tmp_path, samples_dir, small
     wrapped = tmp_path / "checkpoint_best_loss.pth.tar"
     state = torch.load(src, weights_only=True)
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, wrapped)
-    codec = get_codec("compressai:bmshj2018-hyperprior", weights=str(wrapped), device="cpu")
+    codec = load_codec("compressai:bmshj2018-hyperprior", weights=str(wrapped), device="cpu")
     assert [s.quality for s in codec.sources] == [0]       # a single network of unknown quality
     prep = codec.prepare(img)
     sizes = [len(codec.encode(prep, v)) for v in (0.0, 0.5, 1.0, 1.5, 2.0)]
@@ -237,7 +238,7 @@ def test_scale_hyperprior_and_a_training_checkpoint(tmp_path, samples_dir, small
 
 def test_vbr_grid_tables_and_concurrent_encodes(samples_dir, small_weights):
     img = _photo(samples_dir, "rocket.jpg")
-    codec = get_codec("compressai:mbt2018-mean-vbr", weights=str(small_weights), device="cpu")
+    codec = load_codec("compressai:mbt2018-mean-vbr", weights=str(small_weights), device="cpu")
     assert len(codec.net.grid) == VBR_GRID and codec.control.high == 7.0
     prep = codec.prepare(img)
     sizes = []
@@ -276,7 +277,7 @@ def test_vbr_grid_tables_and_concurrent_encodes(samples_dir, small_weights):
 
 def test_autoregressive_networks_are_a_discrete_slow_codec(samples_dir, small_weights):
     img = _photo(samples_dir)[:128, :192]
-    codec = get_codec("compressai:mbt2018", weights=str(small_weights))
+    codec = load_codec("compressai:mbt2018", weights=str(small_weights))
     assert codec.speed == "slow" and codec.device == "cpu" and codec.control.discrete
     assert (codec.control.low, codec.control.high) == (1.0, 2.0)
     prep = codec.prepare(img)
@@ -302,7 +303,7 @@ def test_weights_from_s3_and_from_the_zoo_cache(tmp_path, monkeypatch, samples_d
     photos = tmp_path / "in"
     photos.mkdir()
     (photos / "chelsea.png").write_bytes((samples_dir / "chelsea.png").read_bytes())
-    local = get_codec("compressai:bmshj2018-hyperprior", weights=str(small_weights), device="cpu")
+    local = load_codec("compressai:bmshj2018-hyperprior", weights=str(small_weights), device="cpu")
     target = len(local.encode(local.prepare(_photo(samples_dir)), 1.3)) + 200   # inside these networks' range
     spec = JobSpec(input=str(photos), output=str(tmp_path / "out"), codec="compressai:bmshj2018-hyperprior",
                    weights=f"s3://{bucket}/checkpoints/", storage_options=s3_server.storage_options,
@@ -318,7 +319,7 @@ def test_weights_from_s3_and_from_the_zoo_cache(tmp_path, monkeypatch, samples_d
     src = next(small_weights.glob("bmshj2018-hyperprior-1-*"))
     (hub / "hub" / "checkpoints" / "bmshj2018-hyperprior-1-7eb97409.pth.tar").write_bytes(src.read_bytes())
     monkeypatch.setenv("TORCH_HOME", str(hub))
-    codec = get_codec("compressai:bmshj2018-hyperprior", weights="zoo", device="cpu")
+    codec = load_codec("compressai:bmshj2018-hyperprior", weights="zoo", device="cpu")
     assert [s.quality for s in codec.sources] == list(range(1, 9))
     img = _photo(samples_dir)
     payload = codec.encode(codec.prepare(img), 0.5)        # network 1 only: the others are never fetched
@@ -347,22 +348,36 @@ def test_kodak_zoo_jobs_meet_per_item_targets_and_round_trip(tmp_path, kodak_dir
 
     Weights are made offline: the VBR file from the bundled model (zoo_export), the scale-only
     hyperprior fitted briefly on ../shared/data/train (never Kodak)."""
+    check_zoo_jobs_meet_per_item_targets(tmp_path, sorted(kodak_dir.glob("kodim*.png")), fit_photos=64,
+                                         fit_steps=400, min_ok=20)
+
+
+def test_few_kodak_zoo_jobs_meet_per_item_targets_and_round_trip(tmp_path, kodak_dir, ray_session):
+    """The acceptance run's sibling in ``make test``: the first 3 Kodak photos (one per target),
+    the hyperprior fitted on 16 training photos for 60 steps; the same assertions, with at most
+    one of 3 ``unreachable`` as the full run allows 4 of 24 (kodim01 at 0.25 bpp is, for the VBR
+    model: below its lowest rate)."""
+    check_zoo_jobs_meet_per_item_targets(tmp_path, sorted(kodak_dir.glob("kodim*.png"))[:3], fit_photos=16,
+                                         fit_steps=60, min_ok=2)
+
+
+def check_zoo_jobs_meet_per_item_targets(tmp_path: Path, files: list[Path], fit_photos: int, fit_steps: int,
+                                         min_ok: int) -> None:
     import csv
 
     from ratefit.codecs.zoo_export import bmshj2018_hyperprior_state, export
 
     if not TRAIN.is_dir():
         pytest.skip(f"training photos not found at {TRAIN} (../shared/data/train)")
-    model, _, _ = load_model(bundled_path(BUNDLED_WEIGHTS), torch.device("cpu"))
+    model, _, _ = load_model(bundled_weights(BUNDLED_WEIGHTS), torch.device("cpu"))
     (vbr_file,) = export(model, str(tmp_path / "vbr"), "mbt2018-mean-vbr")
-    photos = sorted(str(p) for p in TRAIN.glob("*.jpg"))[:64]
+    photos = sorted(str(p) for p in TRAIN.glob("*.jpg"))[:fit_photos]
     fitted = tmp_path / "bmshj"
     fitted.mkdir()
     for level in (2, 4):
-        torch.save(bmshj2018_hyperprior_state(model, level, photos, steps=400),
+        torch.save(bmshj2018_hyperprior_state(model, level, photos, steps=fit_steps),
                    fitted / f"bmshj2018-hyperprior-{level + 1}.pth.tar")
     listing = tmp_path / "kodak.csv"
-    files = sorted(kodak_dir.glob("kodim*.png"))
     with open(listing, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["uri", "target_bpp"])
@@ -375,7 +390,7 @@ def test_kodak_zoo_jobs_meet_per_item_targets_and_round_trip(tmp_path, kodak_dir
         rows = ds.dataset(str(out / "_manifest")).to_table().to_pylist()
         assert len(rows) == len(files)
         ok = [r for r in rows if r["status"] == "ok"]
-        assert len(ok) >= 20, [(r["input_uri"], r["status"], r["error"]) for r in rows]
+        assert len(ok) >= min_ok, [(r["input_uri"], r["status"], r["error"]) for r in rows]
         for r in rows:
             if r["status"] == "ok":
                 assert 0.99 * r["target_value"] <= r["bpp"] <= r["target_value"], r
@@ -403,7 +418,7 @@ def test_weights_over_http_from_a_loopback_server(samples_dir, small_weights):
     thread.start()
     try:
         name = next(small_weights.glob("bmshj2018-hyperprior-3-*")).name
-        codec = get_codec("compressai:bmshj2018-hyperprior", device="cpu",
+        codec = load_codec("compressai:bmshj2018-hyperprior", device="cpu",
                           weights=f"http://127.0.0.1:{server.server_address[1]}/{name}")
         assert [s.quality for s in codec.sources] == [3]
         img = _photo(samples_dir)

@@ -1,8 +1,7 @@
 """Compress one item: read → decode → rate search → container → write → round-trip metrics.
 
-Every failure becomes a row naming the stage and the cause. Only a storage outage
-(StorageUnavailable) is raised to Ray: it is not the item's fault, so the job stops and a
-re-run resumes instead of recording good inputs as errors.
+Every failure becomes a row naming the stage and the cause (``workers/processor.py``: only a
+storage outage is raised, so the job stops and a re-run resumes).
 """
 
 from __future__ import annotations
@@ -18,16 +17,17 @@ import numpy as np
 
 from ratefit.codecs import container
 from ratefit.codecs import qmap as qmaps
-from ratefit.codecs.base import CodecError, payload_weights_sha256
+from ratefit.codecs.base import CodecError, capabilities_of, payload_weights_sha256
 from ratefit.codecs.metrics import ms_ssim, psnr
 from ratefit.codecs.rate import Target, aim, search
-from ratefit.codecs.registry import get_codec
+from ratefit.workers.codec_loader import load_codec
 from ratefit.workers.decompress import check_container, decode_payload
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR, empty_row
+from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR
 from ratefit.workers.memory import with_tile_fallback
+from ratefit.workers.processor import ItemProcessor
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image, read_quality_map
-from ratefit.workers.storage import (StorageUnavailable, atomic_write, fetch, full_url, open_fs, redact, safe_join,
+from ratefit.workers.storage import (atomic_write, fetch, full_url, open_fs, redact, safe_join,
                                      stat_input)
 
 
@@ -94,19 +94,20 @@ class VerifyError(ItemError):
         super().__init__("verify", message)
 
 
-class Compressor:
+class Compressor(ItemProcessor):
     """Holds one loaded codec and the output filesystem for the life of a worker."""
 
     schema = COMPRESS_SCHEMA
 
     def __init__(self, config: CompressConfig):
         self.config = config
-        self.codec = get_codec(config.codec, **config.codec_options)
-        self.spatial = bool(getattr(self.codec, "spatial", False))
+        self.codec = load_codec(config.codec, **config.codec_options)
+        self.capabilities = capabilities_of(self.codec)
+        self.spatial = self.capabilities.spatial
         if config.qmap and not self.spatial:
             raise CodecError(f"--qmap {config.qmap}: codec {config.codec} has no spatial rate control "
                              f"(quality maps need gain-hyperprior-roi)")
-        if config.refine_steps and getattr(self.codec, "refine", None) is None:
+        if config.refine_steps and not self.capabilities.refine:
             raise CodecError(f"--refine-steps {config.refine_steps}: codec {config.codec} has no latent "
                              f"refinement (gain-hyperprior has)")
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
@@ -114,47 +115,40 @@ class Compressor:
     def output_relpath(self, item: Item) -> str:
         return f"{item.relpath}.{self.codec.extension}"
 
-    def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
-        codec = self.codec
-        row = empty_row(COMPRESS_SCHEMA)
+    def start_row(self, item: Item, row: dict[str, Any]) -> None:
         target = item.target or self.config.target
-        row.update(input_uri=redact(item.uri), codec=codec.name, attempt=attempt, shard=shard, run_id=self.config.run_id,
+        row.update(codec=self.codec.name, run_id=self.config.run_id,
                    source_version=item.version, input_bytes=item.size,   # as planned, until read
                    target_kind=target.kind if target else None, target_value=target.value if target else None)
-        stages = ["plan"]   # the stage a failure happened in, for the row's message
-        try:
-            if item.error:
-                raise ItemError("plan", item.error)
-            try:
-                out_path = safe_join(self.out_root, self.output_relpath(item))
-            except ValueError as e:
-                raise ItemError("plan", str(e)) from None
-            row["output_uri"] = redact(full_url(self.out_fs, out_path))
-            if target is None:
-                raise ItemError("plan", "no target: give --target-bpp/--target-bytes/--target-psnr "
-                                        "or a target_* column in the listing")
-            stages.append("read")
-            t0 = time.perf_counter()
-            if item.version is None and self.config.run_id:   # a listing's input: ask before reading,
-                row["input_bytes"], row["source_version"] = stat_input(item.uri, self.config.storage_options)
-            image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
-            row["read_ms"] = (time.perf_counter() - t0) * 1000.0
-            h, w = image.height, image.width
-            row.update(width=w, height=h, original_mode=image.original_mode)
 
-            stages.append("qmap")
-            qmap = self.quality_map(item, image, row)
-            with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, out_path, row, stages, qmap),
-                               max(image.width, image.height), item.uri)
-        except StorageUnavailable:
-            raise   # an outage is not this item's fault: the shard stops, the job reports it, a re-run resumes
-        except VerifyError as e:
-            row.update(status="error", error=redact(str(e)), output_uri=None, verified=False)
-        except ItemError as e:
-            row.update(status="error", error=redact(str(e)))
-        except Exception as e:  # a codec or storage failure on this item only
-            row.update(status="error", error=redact(f"{stages[-1]}: {type(e).__name__}: {e}"))
-        return row
+    def failed(self, row: dict[str, Any], error: ItemError) -> None:
+        super().failed(row, error)
+        if isinstance(error, VerifyError):   # the file was removed: nothing stored, nothing verified
+            row.update(output_uri=None, verified=False)
+
+    def process(self, item: Item, row: dict[str, Any], stages: list[str]) -> None:
+        codec = self.codec
+        target = item.target or self.config.target
+        try:
+            out_path = safe_join(self.out_root, self.output_relpath(item))
+        except ValueError as e:
+            raise ItemError("plan", str(e)) from None
+        row["output_uri"] = redact(full_url(self.out_fs, out_path))
+        if target is None:
+            raise ItemError("plan", "no target: give --target-bpp/--target-bytes/--target-psnr "
+                                    "or a target_* column in the listing")
+        stages.append("read")
+        t0 = time.perf_counter()
+        if item.version is None and self.config.run_id:   # a listing's input: ask before reading,
+            row["input_bytes"], row["source_version"] = stat_input(item.uri, self.config.storage_options)
+        image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
+        row["read_ms"] = (time.perf_counter() - t0) * 1000.0
+        row.update(width=image.width, height=image.height, original_mode=image.original_mode, frames=image.frames)
+
+        stages.append("qmap")
+        qmap = self.quality_map(item, image, row)
+        with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, out_path, row, stages, qmap),
+                           max(image.width, image.height), item.uri)
 
     def quality_map(self, item: Item, image: DecodedImage, row: dict[str, Any]) -> np.ndarray | None:
         """The item's quality map: its listing's PNG, else the job's generator or PNG folder; None without."""
@@ -215,6 +209,7 @@ class Compressor:
         row.update(
             status=outcome.status, error=outcome.reason, output_bytes=len(blob),
             bpp=len(blob) * 8.0 / (w * h), rate_param=outcome.value, encodes=outcome.encodes,
+            estimates=outcome.estimates,
             psnr=p if math.isfinite(p) else float("inf"),
             ms_ssim=ms_ssim(image.pixels, restored) if self.config.ms_ssim else None,
         )
@@ -243,9 +238,8 @@ class Compressor:
                 decoded = decode_payload(codec, header, payload)
             except ItemError as e:
                 raise VerifyError(f"stored file does not decode: {e.message}") from None
-            reconstruct = getattr(codec, "reconstruct", None)
-            if reconstruct is not None:
-                expected = reconstruct(prepared, value)
+            if self.capabilities.reconstruct:
+                expected = codec.reconstruct(prepared, value)
                 if not np.array_equal(decoded, expected):
                     diff = np.abs(decoded.astype(np.int16) - expected.astype(np.int16))
                     raise VerifyError(f"decoded picture differs from the encoder's reconstruction in "

@@ -12,12 +12,14 @@ from PIL import Image
 
 from ratefit.codecs import container
 from ratefit.codecs.base import Codec, CodecError, payload_weights_sha256
-from ratefit.codecs.registry import accepts_option, get_codec
+from ratefit.codecs.registry import accepts_option
+from ratefit.workers.codec_loader import load_codec
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import DECOMPRESS_SCHEMA, empty_row
+from ratefit.workers.manifest import DECOMPRESS_SCHEMA
 from ratefit.workers.memory import with_tile_fallback
+from ratefit.workers.processor import ItemProcessor
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_bytes
-from ratefit.workers.storage import StorageUnavailable, atomic_write, full_url, open_fs, redact, safe_join
+from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
 
 
 def restored_relpath(relpath: str) -> str:
@@ -80,7 +82,7 @@ def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec]
     return header, decode_payload(codec_for(header), header, payload)
 
 
-class Decompressor:
+class Decompressor(ItemProcessor):
     schema = DECOMPRESS_SCHEMA
 
     def __init__(self, config: DecompressConfig):
@@ -94,7 +96,7 @@ class Decompressor:
             if opts is None:
                 opts = self.config.learned_options if accepts_option(header.codec, "weights") else {}
             try:
-                self._codecs[header.codec] = get_codec(header.codec, **opts)
+                self._codecs[header.codec] = load_codec(header.codec, **opts)
             except KeyError as e:
                 raise ItemError("decode", f"unknown codec {header.codec!r} in container ({e.args[0]})") from None
             except (CodecError, ValueError) as e:   # e.g. weights missing or not fitting the model
@@ -122,36 +124,23 @@ class Decompressor:
                                     max(header.width, header.height), what)
         return header, pixels
 
-    def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
-        row = empty_row(DECOMPRESS_SCHEMA)
-        row.update(input_uri=redact(item.uri), attempt=attempt, shard=shard)
-        stage = "plan"
+    def process(self, item: Item, row: dict[str, Any], stages: list[str]) -> None:
         try:
-            if item.error:
-                raise ItemError("plan", item.error)
-            try:
-                out_path = safe_join(self.out_root, restored_relpath(item.relpath))
-            except ValueError as e:
-                raise ItemError("plan", str(e)) from None
-            row["output_uri"] = redact(full_url(self.out_fs, out_path))
-            stage = "read"
-            in_fs, in_path = open_fs(item.uri, self.config.storage_options)
-            data = read_bytes(in_fs, in_path)
-            row["input_bytes"] = len(data)
-            stage = "decode"
-            t0 = time.perf_counter()
-            header, pixels = self.decode(data, item.uri)
-            row["codec"] = header.codec
-            row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
-            stage = "write"
-            buf = io.BytesIO()
-            Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=3)
-            atomic_write(self.out_fs, out_path, buf.getvalue())
-            row.update(status="ok", width=header.width, height=header.height, output_bytes=buf.tell())
-        except StorageUnavailable:
-            raise
-        except ItemError as e:
-            row.update(status="error", error=redact(str(e)))
-        except Exception as e:
-            row.update(status="error", error=redact(f"{stage}: {type(e).__name__}: {e}"))
-        return row
+            out_path = safe_join(self.out_root, restored_relpath(item.relpath))
+        except ValueError as e:
+            raise ItemError("plan", str(e)) from None
+        row["output_uri"] = redact(full_url(self.out_fs, out_path))
+        stages.append("read")
+        in_fs, in_path = open_fs(item.uri, self.config.storage_options)
+        data = read_bytes(in_fs, in_path)
+        row["input_bytes"] = len(data)
+        stages.append("decode")
+        t0 = time.perf_counter()
+        header, pixels = self.decode(data, item.uri)
+        row["codec"] = header.codec
+        row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
+        stages.append("write")
+        buf = io.BytesIO()
+        Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=3)
+        atomic_write(self.out_fs, out_path, buf.getvalue())
+        row.update(status="ok", width=header.width, height=header.height, output_bytes=buf.tell())

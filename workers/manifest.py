@@ -22,7 +22,6 @@ MANIFEST_DIR = "_manifest"
 RETIRED_DIR = "_retired"   # tombstones: one part per shard whose originals a run retired
 RUN_PREFIX = "run="        # compress runs commit their parts under _manifest/run=<run id>/
 STATE_DIR = "_state"       # snapshots of the current state, state-<run id>.parquet, one per finished run
-STATUSES = ("ok", "error", "unreachable", "skipped")
 
 # Columns both jobs share, in this order, so one query can read either manifest.
 _COMMON = [
@@ -72,6 +71,10 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     ("entropy_ms", pa.float64()),
     ("write_ms", pa.float64()),
     ("metrics_ms", pa.float64()),
+    # What the search and the input cost: cheap rate estimates the search made (0 for codecs
+    # without a rate model), and the input's frames (an animation is coded as its first frame).
+    ("estimates", pa.int32()),
+    ("frames", pa.int32()),
 ])
 STAGE_COLUMNS = ("read_ms", "analysis_ms", "refine_ms", "search_ms", "entropy_ms", "write_ms", "metrics_ms")
 

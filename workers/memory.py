@@ -1,7 +1,7 @@
 """Device memory: an item that does not fit is retried alone with smaller tiles.
 
 A worker holds one codec for many items; one huge image must not take the worker down or
-make every later item pay for it. Codecs that tile (a ``tile`` attribute, in pixels) get
+make every later item pay for it. Codecs that tile (capability ``tiles``: a ``tile`` in pixels) get
 half the tile size per retry, down to MIN_TILE, and their own size back afterwards.
 """
 
@@ -11,6 +11,7 @@ import gc
 import logging
 from typing import Any, Callable, TypeVar
 
+from ratefit.codecs.base import capabilities_of
 from ratefit.workers.storage import redact
 
 log = logging.getLogger("ratefit")
@@ -42,7 +43,7 @@ def with_tile_fallback(codec: Any, work: Callable[[], T], largest_side: int, wha
     Without tiles to shrink (a codec that does not tile, or MIN_TILE reached), the error
     stands, for this item only.
     """
-    tile0 = getattr(codec, "tile", None)
+    tile0 = codec.tile if capabilities_of(codec).tiles else None
     try:
         while True:
             try:

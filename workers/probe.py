@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ratefit.codecs import container
+from ratefit.codecs.base import capabilities_of
 from ratefit.codecs.probe import probe, probe_values
-from ratefit.codecs.registry import get_codec
+from ratefit.workers.codec_loader import load_codec
 from ratefit.workers.items import Item
-from ratefit.workers.manifest import PROBE_SCHEMA, empty_row
+from ratefit.workers.manifest import PROBE_SCHEMA
 from ratefit.workers.memory import with_tile_fallback
-from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_image
-from ratefit.workers.storage import StorageUnavailable, open_fs, redact
+from ratefit.workers.processor import ItemProcessor
+from ratefit.workers.read import DEFAULT_MAX_PIXELS, read_image
+from ratefit.workers.storage import open_fs
 
 PROBES_DIR = "_plan/probes"
 
@@ -34,39 +36,33 @@ class ProbeConfig:
     manifest_dir: str = PROBES_DIR
 
 
-class Prober:
+class Prober(ItemProcessor):
     schema = PROBE_SCHEMA
 
     def __init__(self, config: ProbeConfig):
         self.config = config
-        self.codec = get_codec(config.codec, **config.codec_options)
-        self.values = probe_values(self.codec.control, config.probes, getattr(self.codec, "sweep", None))
+        self.codec = load_codec(config.codec, **config.codec_options)
+        self.values = probe_values(self.codec.control, config.probes, capabilities_of(self.codec).sweep)
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
 
-    def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
-        codec = self.codec
-        row = empty_row(PROBE_SCHEMA)
-        row.update(input_uri=redact(item.uri), codec=codec.name, attempt=attempt, shard=shard,
-                   target_kind=item.target.kind if item.target else None,
+    def start_row(self, item: Item, row: dict[str, Any]) -> None:
+        row.update(codec=self.codec.name, target_kind=item.target.kind if item.target else None,
                    target_value=item.target.value if item.target else None)
-        try:
-            image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
-            row.update(width=image.width, height=image.height)
-            t0 = time.perf_counter()
-            overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
 
-            def measure() -> list:
-                prepared = codec.prepare(image.pixels)
-                return [probe(codec, prepared, image.pixels, v, overhead) for v in self.values]
+    def process(self, item: Item, row: dict[str, Any], stages: list[str]) -> None:
+        codec = self.codec
+        stages.append("read")
+        image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
+        row.update(width=image.width, height=image.height)
+        stages.append("probe")
+        t0 = time.perf_counter()
+        overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
 
-            points = with_tile_fallback(codec, measure, max(image.width, image.height), item.uri)
-            row.update(status="ok", probe_value=[p.value for p in points],
-                       probe_bytes=[p.stored_bytes for p in points], probe_psnr=[p.psnr for p in points],
-                       probe_exact=all(p.exact for p in points), probe_ms=(time.perf_counter() - t0) * 1000.0)
-        except StorageUnavailable:
-            raise
-        except ItemError as e:
-            row.update(status="error", error=redact(str(e)))
-        except Exception as e:   # a codec failure on this item only
-            row.update(status="error", error=redact(f"probe: {type(e).__name__}: {e}"))
-        return row
+        def measure() -> list:
+            prepared = codec.prepare(image.pixels)
+            return [probe(codec, prepared, image.pixels, v, overhead) for v in self.values]
+
+        points = with_tile_fallback(codec, measure, max(image.width, image.height), item.uri)
+        row.update(status="ok", probe_value=[p.value for p in points],
+                   probe_bytes=[p.stored_bytes for p in points], probe_psnr=[p.psnr for p in points],
+                   probe_exact=all(p.exact for p in points), probe_ms=(time.perf_counter() - t0) * 1000.0)

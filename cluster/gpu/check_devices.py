@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ratefit.codecs.gain_hyperprior import GainHyperpriorCodec
+from ratefit.workers.codec_loader import load_codec
 
 VALUES = (-1.0, 0.5, 2.5, 4.5, 6.5, 8.0)
 
@@ -44,8 +44,8 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 def cross_check(weights: str, images: str, count: int, out: Path) -> dict:
     cuda = "cuda" if torch.cuda.is_available() else "cpu"   # cpu/cpu is only a smoke test of this script
-    gpu = GainHyperpriorCodec(weights=weights, device=cuda)
-    cpu = GainHyperpriorCodec(weights=weights, device="cpu")
+    gpu = load_codec("gain-hyperprior", weights=weights, device=cuda)
+    cpu = load_codec("gain-hyperprior", weights=weights, device="cpu")
     saved, worst_gpu_cpu, worst_cpu_gpu, equal_payloads, cases = {}, 0, 0, 0, 0
     for i, photo in enumerate(_photos(images, count)):
         h, w = photo.shape[:2]
@@ -82,7 +82,7 @@ def _timed(fn, reps: int) -> float:
 def speed(weights: str, images: str, reps: int) -> dict:
     """Per-stage times for one Kodak-sized (768x512) image, and batched analysis throughput."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    codec = GainHyperpriorCodec(weights=weights, device=device)
+    codec = load_codec("gain-hyperprior", weights=weights, device=device)
     photo = np.asarray(Image.fromarray(_photos(images, 2)[1]).resize((768, 512), Image.BICUBIC))
     prepared = codec.prepare(photo)
     payload = codec.encode(prepared, 4.0)
@@ -106,7 +106,7 @@ def speed(weights: str, images: str, reps: int) -> dict:
 
 def verify(weights: str, npz: str) -> int:
     """Decode the device machine's GPU-encoded payloads here and compare with its GPU decode."""
-    codec = GainHyperpriorCodec(weights=weights, device="cpu")
+    codec = load_codec("gain-hyperprior", weights=weights, device="cpu")
     data = np.load(npz)
     worst, cases = 0, 0
     for key in sorted(k for k in data.files if k.startswith("p")):
