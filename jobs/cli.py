@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from ratefit.jobs.spec import JobSpec, SpecError, load_spec_file
@@ -187,37 +186,14 @@ def _codecs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_zoo(args: argparse.Namespace) -> int:
-    import torch
-
-    from ratefit.codecs.gain_hyperprior import BUNDLED_WEIGHTS, load_model
-    from ratefit.codecs.weights import WeightsError, bundled_weights
-    from ratefit.codecs.zoo_export import export
-    from ratefit.workers.codec_loader import read_weights_file
-
-    weights = read_weights_file(args.weights) if args.weights else bundled_weights(BUNDLED_WEIGHTS)
-    if weights is None:
-        raise WeightsError("no gain-hyperprior weights bundled with this install; pass --weights")
-    model, _, _ = load_model(weights, torch.device("cpu"))
-    levels = [int(x) for x in args.levels.split(",")] if args.levels else None
-    if args.kind == "bmshj2018-hyperprior" and levels is None:
-        levels = list(range(model.config.levels))
-    photos = None
-    if args.photos:
-        photos = sorted(str(p) for p in Path(args.photos).iterdir()
-                        if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    for path in export(model, args.output, args.kind, levels, photos, args.steps, log=print):
-        print(path)
-    return 0
-
-
 def _print_run(run: Callable[[JobSpec], dict[str, Any]], spec: JobSpec) -> int:
     print_summary(run(spec), spec.output)
     return 0
 
 
 def main(argv: list[str] | None = None, prog: str = "ratefit") -> int:
-    from ratefit.jobs import bench, compress, decompress, demo, evaluate, fuzz, history, report, train
+    from ratefit.jobs import compress, decompress, history, report
+    from ratefit.jobs.tools import bench, demo, evaluate, export_zoo, fuzz, train
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog=prog, description="Learned and classical image compression at "
@@ -243,14 +219,7 @@ def main(argv: list[str] | None = None, prog: str = "ratefit") -> int:
     pf = sub.add_parser("fuzz", help="fuzz the container parser and decoders for a while (crashes, hangs)")
     fuzz.add_fuzz_arguments(pf)
     px = sub.add_parser("export-zoo", help="write the gain-hyperprior model as CompressAI zoo checkpoints")
-    px.add_argument("output", help="local folder for the checkpoints")
-    px.add_argument("--weights", help="gain-hyperprior weights (default: the bundled ones)")
-    px.add_argument("--kind", choices=("mbt2018-mean", "mbt2018-mean-vbr", "bmshj2018-hyperprior"),
-                    default="mbt2018-mean", help="mbt2018-mean: one network per level (exact); mbt2018-mean-vbr: "
-                    "one approximate VBR network; bmshj2018-hyperprior: a scale-only hyperprior fitted on --photos")
-    px.add_argument("--levels", help="comma-separated levels to export (quality = level + 1; default all)")
-    px.add_argument("--photos", help="bmshj2018-hyperprior: folder of training photos (never Kodak)")
-    px.add_argument("--steps", type=int, default=3000, help="bmshj2018-hyperprior: fitting steps")
+    export_zoo.add_export_zoo_arguments(px)
     pb = sub.add_parser("bench", help="the job and a naive one-process loop side by side (or the driver alone)")
     bench.add_bench_arguments(pb)
     pm = sub.add_parser("demo", help="compress and restore the bundled sample photos")
@@ -282,7 +251,7 @@ def main(argv: list[str] | None = None, prog: str = "ratefit") -> int:
     if args.command == "bench":
         return run_guarded(lambda: bench.run(args))
     if args.command == "export-zoo":
-        return run_guarded(lambda: _export_zoo(args))
+        return run_guarded(lambda: export_zoo.run(args))
     if args.command == "demo":
         return run_guarded(lambda: demo.run_demo(args.output, args.target_bpp))
     return 2

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ratefit.codecs.allocate import allocate
-from ratefit.jobs.bench_planner import main as bench_main
-from ratefit.jobs.bench_planner import synthetic_tables as synthetic
+from ratefit.jobs.tools.bench_planner import main as bench_main
+from ratefit.jobs.tools.bench_planner import synthetic_tables as synthetic
 
 
 def test_continuous_allocation_spends_the_budget_and_beats_uniform():

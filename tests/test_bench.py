@@ -12,7 +12,8 @@ import shutil
 import pyarrow.dataset as ds
 import pytest
 
-from ratefit.jobs import bench, recompress
+from ratefit.jobs import recompress
+from ratefit.jobs.tools import bench
 from ratefit.jobs.cli import main
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.manifest import STAGE_COLUMNS

@@ -233,24 +233,41 @@ def test_crc_still_guards_the_payload(payloads):
 
 # ------------------------------------------------------------------- the long-run harness
 
+# Counted in cases, not seconds: a loaded machine runs the same cases, only later.
+
 def test_fuzz_command_runs_cases_and_reports_none_failing(tmp_path):
     from ratefit.jobs.cli import main
 
-    assert main(["fuzz", "--seconds", "6", "--targets", "container,webp", "--out", str(tmp_path)]) == 0
+    assert main(["fuzz", "--cases", "40", "--targets", "container,webp", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "fuzz-report.json").read_text())
+    assert report["cases_per_target"] == 40 and report["seconds"] is None
+    assert [t["target"] for t in report["targets"]] == ["container", "webp"]
     for t in report["targets"]:
-        assert t["cases"] > 0 and t["decoded"] + t["rejected"] == t["cases"]
+        assert t["cases"] == 40 and t["decoded"] + t["rejected"] == t["cases"]
         assert not (t["unexpected"] or t["crashes"] or t["hangs"])
 
 
+def test_fuzz_command_with_seconds_runs_at_least_one_case_per_target(tmp_path):
+    """``--seconds`` alone (the long-run form) still works: each child gets at least a second
+    after its set-up and checks the clock only after a case, so every target runs one."""
+    from ratefit.jobs.cli import main
+
+    assert main(["fuzz", "--seconds", "1", "--targets", "webp", "--out", str(tmp_path)]) == 0
+    (t,) = json.loads((tmp_path / "fuzz-report.json").read_text())["targets"]
+    assert t["cases"] >= 1 and t["decoded"] + t["rejected"] == t["cases"]
+    assert main(["fuzz", "--cases", "0", "--out", str(tmp_path)]) == 2
+
+
 def test_fuzz_harness_catches_a_crashing_case_saves_it_and_goes_on(tmp_path, monkeypatch):
-    from ratefit.jobs import fuzz
+    from ratefit.jobs.tools import fuzz
 
     monkeypatch.setenv("RATEFIT_FUZZ_CRASH_AT", "7")
-    report = fuzz._run_target("jpeg", seed=3, seconds=8, case_timeout=30, out=tmp_path)
+    report = fuzz._run_target("jpeg", seed=3, seconds=None, case_timeout=30, out=tmp_path, cases=12)
     assert [c["case"] for c in report.crashes] == [7]
     assert report.crashes[0]["returncode"] < 0          # killed by a signal (SIGABRT), as a segfault would be
     saved = Path(report.crashes[0]["file"]).read_bytes()
-    assert saved == fuzz.make_case(fuzz._seeds(), "jpeg", 3, 7), "the saved case replays the crash"
-    assert report.cases > 8, "a fresh child carried on after the crashing case"
+    assert saved == fuzz.make_case(fuzz._seeds(("jpeg",)), "jpeg", 3, 7), "the saved case replays the crash"
+    # Cases 0..7 were the crashed child's (its counts died with it); a fresh one ran 8..11.
+    assert report.cases == 12 and report.decoded + report.rejected == 4, "a fresh child carried on after the crash"
+    assert not (report.unexpected or report.hangs)
     json.dumps(report.__dict__)

@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 
 from ratefit.codecs.bdrate import bd_rate
-from ratefit.jobs import evaluate
+from ratefit.jobs.tools import evaluate
 
 RATES = [0.2, 0.4, 0.7, 1.1, 1.6]
 PSNRS = [28.0, 30.5, 32.6, 34.5, 36.2]

@@ -22,7 +22,7 @@ from ratefit.codecs.gain_hyperprior import GainHyperpriorCodec, export_weights
 from ratefit.codecs.gained import GainedHyperprior, ModelConfig
 from ratefit.codecs.rate import Target, search
 from ratefit.codecs.weights import WeightsError
-from ratefit.jobs import train as train_job
+from ratefit.jobs.tools import train as train_job
 from ratefit.workers.codec_loader import read_weights_file
 from ratefit.workers.decompress import DecompressConfig, Decompressor
 from ratefit.workers.items import Item

@@ -160,6 +160,17 @@ def _cycles() -> list[list[str]]:
     return cycles
 
 
+def test_the_job_path_never_uses_the_tools():
+    """``jobs/tools/`` (train, eval, fuzz, bench, export-zoo, demo) sits beside the job path: only
+    the command line that offers them may import them."""
+    violations = [f"{module} (line {line}) imports {name}"
+                  for module, imports in GRAPH.items()
+                  if _layer(module) == "jobs" and not _matches(module, "ratefit.jobs.tools")
+                  and module != "ratefit.jobs.cli"
+                  for name, line, _ in imports if _matches(name, "ratefit.jobs.tools")]
+    assert not violations, "the job path imports a tool:\n" + "\n".join(violations)
+
+
 def test_no_import_cycles():
     cycles = _cycles()
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)

@@ -22,8 +22,8 @@ import torch
 
 from ratefit.codecs.gain_hyperprior import export_weights
 from ratefit.codecs.gained import GDN, GainedHyperprior, ModelConfig
-from ratefit.jobs import train as train_job
-from ratefit.jobs.train_fast import EMA, DeviceCrops, forward_mixed, rd_loss, rd_terms
+from ratefit.jobs.tools import train as train_job
+from ratefit.jobs.tools.train_fast import EMA, DeviceCrops, forward_mixed, rd_loss, rd_terms
 from ratefit.workers.codec_loader import read_weights
 
 TINY = ModelConfig(N=8, M=12, lambdas=(0.002, 0.02, 0.2))

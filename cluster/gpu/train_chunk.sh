@@ -16,7 +16,7 @@
 #           the first chunk's `train`, it is `train-b`). Everything that travels (tracked files with
 #           the 21 MB weights, .whl, .train) must stay under 64 MiB, so take as many photos as fit
 #           in 60 MiB (about 800-900):
-#             PACK=$(.venv/bin/python -m ratefit.jobs.train --next-pack codecs/weights/gain-hyperprior.safetensors)
+#             PACK=$(.venv/bin/python -m ratefit.jobs.tools.train --next-pack codecs/weights/gain-hyperprior.safetensors)
 #             rm -rf .train && mkdir -p .train/$PACK
 #             budget=$(( 60 * 1048576 - $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) - $(du -sb .whl | cut -f1) ))
 #             find ../shared/data/$PACK -name '*.jpg' -print0 | sort -z | while IFS= read -r -d '' f; do
@@ -48,18 +48,18 @@ if [ ${#data[@]} -eq 0 ]; then
 fi
 init=()
 if [ "${FRESH:-0}" != 1 ] && [ -f "$shipped" ]; then
-  device=$(python3 -c "from ratefit.codecs.weights import read_weights; print(read_weights('$shipped')[3].get('train_device', 'cpu'))")
+  device=$(python3 -c "from ratefit.workers.codec_loader import read_weights; print(read_weights('$shipped')[3].get('train_device', 'cpu'))")
   [ "$device" != cpu ] && init=(--init "$shipped")
-  want=$(python3 -m ratefit.jobs.train --next-pack "$shipped")
+  want=$(python3 -m ratefit.jobs.tools.train --next-pack "$shipped")
   [ -d ".train/$want" ] || echo "warning: the shipped weights' next pack is $want, .train has $(ls .train)" >&2
 fi
 if [ "${PROBE_SECONDS:-8}" != 0 ]; then
-  timeout 120 python3 -m ratefit.jobs.train --throughput-probe "${data[@]}" --out "$OUT" --N "${N:-128}" \
+  timeout 120 python3 -m ratefit.jobs.tools.train --throughput-probe "${data[@]}" --out "$OUT" --N "${N:-128}" \
     --M "${M:-192}" --batch-size "${BATCH:-64}" --crop 256 --probe-seconds "${PROBE_SECONDS:-8}" 2>&1 \
     | tee "$OUT/train.out" || echo "throughput probe failed or timed out; training anyway" | tee -a "$OUT/train.out"
 fi
 # shellcheck disable=SC2086  # EXTRA is a list of flags
-python3 -m ratefit.jobs.train "${data[@]}" --out /tmp/run "${init[@]}" --N "${N:-128}" --M "${M:-192}" \
+python3 -m ratefit.jobs.tools.train "${data[@]}" --out /tmp/run "${init[@]}" --N "${N:-128}" --M "${M:-192}" \
   --steps 10000000 --max-minutes "${MINUTES:-6.5}" --batch-size "${BATCH:-64}" --crop 256 \
   --log-every 1000 --ckpt-every 5000 --export "$weights" ${EXTRA:-} 2>&1 | tee -a "$OUT/train.out"
 cp /tmp/run/train_log.csv "$OUT/"

@@ -1,6 +1,6 @@
 """Benchmark of the budget planner (``codecs/allocate.py``) on synthetic probe tables.
 
-    python -m ratefit.jobs.bench_planner [--items 1000000] [--probes 8]
+    python -m ratefit.jobs.tools.bench_planner [--items 1000000] [--probes 8]
 
 Times one solve per codec kind (continuous, discrete) for a budget equal to every item's
 median probe, and prints items, seconds and the fraction of the budget used.
@@ -27,7 +27,7 @@ def synthetic_tables(n: int, k: int = 8, seed: int = 0) -> tuple[np.ndarray, np.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ratefit.jobs.bench_planner", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ratefit.jobs.tools.bench_planner", description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=1_000_000)
     p.add_argument("--probes", type=int, default=8)
     args = p.parse_args(argv)

@@ -43,7 +43,7 @@ from PIL import Image
 
 from ratefit.codecs.gain_hyperprior import export_weights, load_model, resolve_device
 from ratefit.codecs.gained import GainedHyperprior, ModelConfig, geometric_lambdas, pad_to_multiple
-from ratefit.jobs.train_fast import EMA, make_batches, make_loss, make_optimizers, make_step, prepare_model
+from ratefit.jobs.tools.train_fast import EMA, make_batches, make_loss, make_optimizers, make_step, prepare_model
 from ratefit.workers.codec_loader import read_weights_file
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"   # ../shared/data beside the repo

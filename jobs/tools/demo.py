@@ -12,7 +12,7 @@ from ratefit.jobs import compress, decompress
 from ratefit.jobs.spec import JobSpec
 from ratefit.jobs.summary import print_summary
 
-SAMPLES = Path(__file__).parent / "samples"
+SAMPLES = Path(__file__).parents[1] / "samples"   # package data of ratefit.jobs
 
 
 def run_demo(output: str = "demo-output", target_bpp: float = 0.5) -> int:

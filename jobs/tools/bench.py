@@ -103,7 +103,7 @@ def _naive(spec: Any, output: str) -> tuple[float, list[dict[str, Any]]]:
     codec included), as the job is timed from its start."""
     rows_file = Path(output + ".rows.json")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ratefit.jobs.bench", "--naive-one",
+    proc = subprocess.run([sys.executable, "-m", "ratefit.jobs.tools.bench", "--naive-one",
                            json.dumps(spec.to_dict(redacted=False)), output, str(rows_file)],
                           capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -215,7 +215,7 @@ def _memory_now() -> dict[str, float]:
 def run_driver(counts: list[int]) -> dict[str, Any]:
     runs = []
     for n in counts:
-        proc = subprocess.run([sys.executable, "-m", "ratefit.jobs.bench", "--driver-one", str(n)],
+        proc = subprocess.run([sys.executable, "-m", "ratefit.jobs.tools.bench", "--driver-one", str(n)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"driver bench at {n} items failed: {proc.stderr[-2000:]}")
@@ -247,7 +247,7 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--naive-one"]:
         Path(sys.argv[4]).write_text(json.dumps(_naive_loop(sys.argv[2], sys.argv[3]), default=str))
         sys.exit(0)
-    parser = argparse.ArgumentParser(prog="python -m ratefit.jobs.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m ratefit.jobs.tools.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_arguments(parser)
     sys.exit(run(parser.parse_args()))

@@ -54,7 +54,7 @@ def _seeds(names: tuple[str, ...] = TARGETS[1:]) -> dict[str, list[bytes]]:
     from ratefit.codecs import container
     from ratefit.codecs.base import capabilities_of
     from ratefit.codecs.qmap import center_map
-    from ratefit.jobs.demo import SAMPLES
+    from ratefit.jobs.tools.demo import SAMPLES
 
     photo = Image.open(SAMPLES / "chelsea.png").convert("RGB")
     seeds: dict[str, list[bytes]] = {}
@@ -182,7 +182,7 @@ def _run_target(target: str, seed: int, seconds: float | None, case_timeout: flo
     index = 0
     deadline = time.time() + seconds if seconds is not None else float("inf")
     while time.time() < deadline and (cases is None or index < cases):
-        cmd = [sys.executable, "-m", "ratefit.jobs.fuzz", "--child", target, "--seed", str(seed),
+        cmd = [sys.executable, "-m", "ratefit.jobs.tools.fuzz", "--child", target, "--seed", str(seed),
                "--start", str(index), "--progress-file", str(progress)]
         if seconds is not None:
             cmd += ["--seconds", str(max(deadline - time.time(), 1.0))]
@@ -262,7 +262,7 @@ def add_fuzz_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ratefit.jobs.fuzz", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ratefit.jobs.tools.fuzz", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_fuzz_arguments(p)
     p.add_argument("--child", help=argparse.SUPPRESS)
