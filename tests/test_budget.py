@@ -146,8 +146,11 @@ def test_budget_job_keeps_bad_inputs_as_rows_and_honours_the_floor(ray_session, 
     ok = [r for r in rows.values() if r["status"] == "ok"]
     assert len(ok) == 3 and min(r["psnr"] for r in ok) >= 30.0 - 0.1
     assert 0.99 <= summary["budget"]["achieved_fraction"] <= 1.0
+    one = tmp_path / "one"   # a floor no budget can hold needs only one photo to show (probing is the cost)
+    one.mkdir()
+    shutil.copy(photo_dir / "chelsea.png", one / "chelsea.png")
     with pytest.raises(JobError, match="cannot hold"):
-        recompress.run(JobSpec(input=str(photo_dir), output=str(tmp_path / "o2"), budget_bpp=0.2,
+        recompress.run(JobSpec(input=str(one), output=str(tmp_path / "o2"), budget_bpp=0.2,
                                min_psnr=45.0, ms_ssim=False))
 
 

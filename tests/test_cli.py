@@ -47,13 +47,21 @@ def test_compress_without_codec_uses_the_learned_default_and_decompress_restores
 
 
 def test_bad_invocations_fail_with_one_clear_line(tmp_path):
-    proc = run(["compress", str(tmp_path), str(tmp_path / "out")])
+    from concurrent.futures import ThreadPoolExecutor
+
+    invocations = [["compress", str(tmp_path), str(tmp_path / "out")],
+                   ["compress", str(tmp_path), str(tmp_path / "out"), "--target-bpp", "0.5", "--codec", "nope"],
+                   ["compress", str(tmp_path / "missing"), str(tmp_path / "out"), "--target-bpp", "0.5"],
+                   ["compress", str(tmp_path), str(tmp_path / "out"), "--target-bpp", "0.5", "--refine-steps", "-3"]]
+    with ThreadPoolExecutor(2) as pool:   # each its own process, two at a time (most of each is start-up)
+        no_target, bad_codec, missing, bad_refine = pool.map(run, invocations)
+    proc = no_target
     assert proc.returncode == 2 and "no target" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run(["compress", str(tmp_path), str(tmp_path / "out"), "--target-bpp", "0.5", "--codec", "nope"])
+    proc = bad_codec
     assert proc.returncode == 2 and "unknown 'nope'" in proc.stderr
-    proc = run(["compress", str(tmp_path / "missing"), str(tmp_path / "out"), "--target-bpp", "0.5"])
+    proc = missing
     assert proc.returncode == 2 and "not found" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run(["compress", str(tmp_path), str(tmp_path / "out"), "--target-bpp", "0.5", "--refine-steps", "-3"])
+    proc = bad_refine
     assert proc.returncode == 2 and "refine_steps" in proc.stderr and "Traceback" not in proc.stderr
 
 

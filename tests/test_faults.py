@@ -2,6 +2,9 @@
 collection of bad and odd inputs on S3 (read by Ray worker processes through a listing),
 with the credentials kept out of everything written or logged.
 
+The outage runs over 10 photos are ``slow`` (``make test-slow``); each has a sibling over 4
+photos in ``make test`` with the same assertions. The bad-input job is small and always runs.
+
 Elsewhere: a killed worker process (test_job_local.py), a killed driver and its embedded
 Ray (test_cli.py), the worker-level faults (a corrupting store, an out-of-memory item,
 test_reliability.py) and the decoders under fuzzing (test_decoder_safety.py).
@@ -26,7 +29,7 @@ from ratefit.jobs import recompress
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.manifest import parquet_table
 
-pytestmark = [pytest.mark.usefixtures("ray_session"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def read_manifest(fs, prefix: str) -> list[dict]:
@@ -48,12 +51,15 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 # ------------------------------------------------------------------ S3 outage mid-job
 
-EXPECTED = [f"s3://photos/in/img{i:02d}.png" for i in range(10)]
+OUTAGE_S = 5.0   # longer than the first four retry delays together (0.25 + 0.5 + 1 + 2 s, before jitter)
 
 
-@pytest.fixture()
-def own_s3(tmp_path, samples_dir):
-    """A server of this test's own (the session's must keep running), holding 10 photos."""
+def expected(n: int) -> list[str]:
+    return [f"s3://photos/in/img{i:02d}.png" for i in range(n)]
+
+
+def _own_s3(tmp_path, samples_dir, n: int):
+    """A server of this test's own (the session's must keep running), holding ``n`` photos."""
     import s3fs
 
     from ratefit.cluster.s3server import S3Server
@@ -63,13 +69,34 @@ def own_s3(tmp_path, samples_dir):
         fs = s3fs.S3FileSystem(skip_instance_cache=True, **server.storage_options)
         fs.mkdir("photos")
         photo = (samples_dir / "coffee.png").read_bytes()
-        for uri in EXPECTED:
+        for uri in expected(n):
             fs.pipe_file(uri, photo)
         spec = dict(input="s3://photos/in", output="s3://photos/out", codec="avif", target_bpp=0.6, shard_size=1,
                     workers=2, ms_ssim=False, storage_options=server.storage_options)
-        yield server, fs, spec
+        yield server, fs, spec, n
     finally:
         server.stop()
+
+
+@pytest.fixture()
+def own_s3(tmp_path, samples_dir):
+    yield from _own_s3(tmp_path, samples_dir, 10)
+
+
+@pytest.fixture()
+def own_s3_few(tmp_path, samples_dir):
+    yield from _own_s3(tmp_path, samples_dir, 4)
+
+
+def _refuses_connections(server) -> bool:
+    """Whether nothing answers on the server's S3 port (it is really down, not slow)."""
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
+    except OSError:
+        return True
+    return False
 
 
 def _start_job(spec: JobSpec, fs) -> tuple[threading.Thread, dict]:
@@ -90,35 +117,54 @@ def _start_job(spec: JobSpec, fs) -> tuple[threading.Thread, dict]:
     return t, result
 
 
-def _check_complete(fs, summary: dict) -> None:
-    assert summary["statuses"] == {"ok": 10}, summary
+def _check_complete(fs, summary: dict, n: int) -> None:
+    assert summary["statuses"] == {"ok": n}, summary
     rows = read_manifest(fs, "photos/out")
-    assert sorted(r["input_uri"] for r in rows) == EXPECTED, "every input once"
+    assert sorted(r["input_uri"] for r in rows) == expected(n), "every input once"
     for r in rows:
         assert fs.size(r["output_uri"]) == r["output_bytes"], "no row points at a partial file"
 
 
+@pytest.mark.slow
 def test_s3_server_stopped_and_restarted_mid_job(own_s3):
-    server, fs, spec = own_s3
+    check_stopped_and_restarted_mid_job(own_s3)
+
+
+def test_s3_server_stopped_and_restarted_mid_job_over_4_photos(own_s3_few):
+    check_stopped_and_restarted_mid_job(own_s3_few)
+
+
+def check_stopped_and_restarted_mid_job(own: tuple) -> None:
+    server, fs, spec, n = own
     job, result = _start_job(JobSpec(**spec), fs)
     fs.invalidate_cache()
     committed_before = len(fs.glob("photos/out/_manifest/run=*/part-*.parquet"))
     server.stop()                  # SIGTERM: the store is gone ...
     down_at = time.monotonic()
-    time.sleep(3)
-    server.start()                 # ... and back on the same port with the same data
+    assert _refuses_connections(server), "the store was really down"
+    time.sleep(OUTAGE_S)
     outage_s = time.monotonic() - down_at
+    server.start()                 # ... and back on the same port with the same data
     job.join(300)
     assert not job.is_alive() and "error" not in result, result
-    _check_complete(fs, result["summary"])
-    assert outage_s > 5, "the store was down for a real while"
-    assert committed_before < 10, "shards were still running when the store went away"
+    _check_complete(fs, result["summary"], n)
+    assert outage_s >= OUTAGE_S, "the store was down for a real while"   # by the clock, not by how fast weed starts
+    assert committed_before < n, "shards were still running when the store went away"
 
 
+@pytest.mark.slow
 def test_a_longer_outage_stops_the_job_clearly_and_a_rerun_resumes(own_s3):
+    check_longer_outage_stops_the_job_and_a_rerun_resumes(own_s3)
+
+
+def test_a_longer_outage_stops_the_job_clearly_and_a_rerun_resumes_over_4_photos(own_s3_few):
+    check_longer_outage_stops_the_job_and_a_rerun_resumes(own_s3_few)
+
+
+def check_longer_outage_stops_the_job_and_a_rerun_resumes(own: tuple) -> None:
     from ratefit.jobs.runner import JobError
 
-    server, fs, spec = own_s3
+    server, fs, spec, n = own
     job, result = _start_job(JobSpec(**spec, storage_retry_s=2), fs)
     server.stop()                  # and it stays down past the 2 s retry window
     job.join(120)
@@ -130,8 +176,8 @@ def test_a_longer_outage_stops_the_job_clearly_and_a_rerun_resumes(own_s3):
 
     server.start()
     summary = recompress.run(JobSpec(**spec))
-    assert summary["unchanged_items"] >= 1 and summary["state"]["statuses"] == {"ok": 10}
-    _check_complete(fs, {"statuses": summary["state"]["statuses"]})
+    assert summary["unchanged_items"] >= 1 and summary["state"]["statuses"] == {"ok": n}
+    _check_complete(fs, {"statuses": summary["state"]["statuses"]}, n)
 
 
 # ------------------------------------------------------------------- bad inputs on S3
