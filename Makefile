@@ -2,7 +2,7 @@
 # `make test` runs every test not marked `slow` (under 20 minutes on the 2-core machine; each
 # slow acceptance run keeps a small sibling there) and prints the 15 slowest; `make test-slow`
 # runs the `slow` ones: the full Kodak, budget, zoo, quality-map, outage and 12 MP acceptance
-# runs the README's figures come from (an hour or more on 2 cores).
+# runs the README's figures come from (about 25 minutes on 2 cores).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
