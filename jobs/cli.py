@@ -199,9 +199,10 @@ def main(argv: list[str] | None = None, prog: str = "ratefit") -> int:
     p = argparse.ArgumentParser(prog=prog, description="Learned and classical image compression at "
                                 "per-item target bitrates, as Ray jobs over any fsspec storage.")
     sub = p.add_subparsers(dest="command", required=True)
-    pc = sub.add_parser("compress", help="compress a folder or listing to OUTPUT at a target")
+    entry = {} if prog == "ratefit" else {"prog": prog}   # `python -m ratefit.jobs.compress --help` reads as typed
+    pc = sub.add_parser("compress", help="compress a folder or listing to OUTPUT at a target", **entry)
     add_compress_arguments(pc)
-    pd = sub.add_parser("decompress", help="restore PNGs from the .rfic files under INPUT")
+    pd = sub.add_parser("decompress", help="restore PNGs from the .rfic files under INPUT", **entry)
     add_decompress_arguments(pd)
     pi = sub.add_parser("inspect", help="print the header of .rfic files")
     pi.add_argument("files", nargs="+")
