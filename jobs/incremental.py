@@ -16,7 +16,6 @@ runs`` lists the runs.
 from __future__ import annotations
 
 import calendar
-import io
 import itertools
 import json
 import time
@@ -25,15 +24,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ratefit.jobs.build import build_pass, plan_items, plan_shards
 from ratefit.jobs.runner import RunState, finish, prepare_output, run_pass, write_success
 from ratefit.jobs.spec import JobSpec
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import (MANIFEST_DIR, RETIRED_DIR, RETIRED_SCHEMA, RUN_PREFIX, STATE_DIR,
-                                      STATE_SCHEMA, current_state, latest_snapshot, part_bytes, part_files,
-                                      write_snapshot)
+                                      current_state, latest_snapshot, part_bytes, part_files, write_snapshot,
+                                      write_state)
 from ratefit.workers.retire import retire_original, retired_dir, tombstone
 from ratefit.workers.storage import atomic_write, open_fs, redact, stat_input, with_retries
 
@@ -204,9 +202,7 @@ def discard_runs(fs, root: str) -> None:
         if fs.exists(f"{root}/{name}"):
             fs.rm(f"{root}/{name}", recursive=True)
     if carried is not None:
-        buf = io.BytesIO()
-        pq.write_table(carried.select(STATE_SCHEMA.names).cast(STATE_SCHEMA), buf, compression="zstd")
-        atomic_write(fs, f"{root}/{STATE_DIR}/state-{new_run_id()}.parquet", buf.getvalue())
+        write_state(fs, root, new_run_id(), carried)
 
 
 def retire_backlog(spec: JobSpec, fs, root: str, run_id: str, backlog: list[tuple[Item, Seen]],

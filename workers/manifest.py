@@ -280,15 +280,20 @@ def current_state(fs, root: str, columns: list[str] | None = None) -> pa.Table:
     return state.append_column("retired", pa.array(actions, pa.string()))
 
 
+def write_state(fs, root: str, run_id: str, state: pa.Table) -> None:
+    """Commit ``state`` (rows of the current state) as the snapshot after run ``run_id``."""
+    buf = io.BytesIO()
+    pq.write_table(state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA), buf, compression="zstd")
+    atomic_write(fs, f"{root}/{STATE_DIR}/state-{run_id}.parquet", buf.getvalue())
+
+
 def write_snapshot(fs, root: str, run_id: str, keep: int = 2) -> pa.Table:
     """Commit the current state after run ``run_id`` as one file; older snapshots beyond ``keep`` go.
 
     Returns the state. The parts stay: they are the record, the snapshot a cache of their merge.
     """
     state = current_state(fs, root)
-    buf = io.BytesIO()
-    pq.write_table(state.select(STATE_SCHEMA.names).cast(STATE_SCHEMA), buf, compression="zstd")
-    atomic_write(fs, f"{root}/{STATE_DIR}/state-{run_id}.parquet", buf.getvalue())
+    write_state(fs, root, run_id, state)
     folder = f"{root}/{STATE_DIR}"
     fs.invalidate_cache(folder)
     snaps = sorted(n for n in fs.ls(folder, detail=False) if n.rstrip("/").rsplit("/", 1)[-1].startswith("state-"))
