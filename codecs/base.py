@@ -52,9 +52,42 @@ class Capabilities:
     per_payload_weights: bool = False  # weights_sha256_of(payload): one network per quality, named per payload
     sweep: tuple[float, float] | None = None   # where fixed-value R-D sweeps spread (default: the whole range)
     preferred_device: str | None = None        # where it wants to run (default: its ``device``)
+    # Archive fidelity (classical codecs that write standard files):
+    plain_file: bool = False           # the payload is a standard image file, stored as is (no RFIC container)
+    embeds: frozenset[str] = frozenset()   # what its files carry natively, of EMBEDDABLE: prepare(image,
+                                       # extras=Extras) takes them, extras_of(payload) gives them back
+    lossless: bool = False             # no rate control: one encode (at control.low); rate targets do not apply
+    restores_original: bool = False    # original_of(payload): the input file byte for byte, or None
 
 
 NONE = Capabilities()
+EMBEDDABLE = frozenset({"alpha", "icc", "exif", "xmp"})
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What an image holds beside its 8-bit RGB pixels, read once by the worker (``workers/read.py``).
+
+    The learned codecs never see it (their container carries it in sections); a codec that
+    ``embeds`` some of it writes those parts into its own file and reads them back with
+    ``extras_of``. ``source``/``source_format`` are the input file itself, given only to a codec
+    that ``restores_original`` (lossless JPEG transcoding works on the JPEG's coefficients).
+    """
+
+    alpha: np.ndarray | None = None    # uint8 HxW; None when the input has none or it is fully opaque
+    icc: bytes | None = None           # an RGB ICC profile (the pixels are in its colour space)
+    exif: bytes | None = None          # b"Exif\0\0" + TIFF structure, orientation already 1
+    xmp: bytes | None = None           # the XMP packet (UTF-8 XML)
+    source: bytes | None = None
+    source_format: str | None = None   # Pillow's name for the source's format, e.g. "JPEG"
+
+    def only(self, parts: frozenset[str]) -> "Extras":
+        """The parts named in ``parts`` (of EMBEDDABLE); the source stays."""
+        return Extras(**{k: (getattr(self, k) if k in parts else None) for k in EMBEDDABLE},
+                      source=self.source, source_format=self.source_format)
+
+
+NO_EXTRAS = Extras()
 
 
 def capabilities_of(codec: Any) -> Capabilities:

@@ -99,10 +99,16 @@ class _Probe:
 
 
 def search(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overhead: int) -> Outcome:
-    """Search the control value for ``target``; ``overhead`` is the container header size."""
+    """Search the control value for ``target``; ``overhead`` is what the stored file adds to the
+    payload (the container header and the sections carrying metadata and alpha)."""
     probe = _Probe(codec, prepared, image)
     h, w = image.shape[:2]
     ceiling = target.max_bytes(w * h)
+    if ceiling is not None and ceiling <= overhead:
+        v = _value_of(codec, 0.0)
+        return Outcome(v, probe.payload(v), "unreachable",
+                       f"the {target.kind} ceiling ({ceiling:,} B) leaves no room for a payload after "
+                       f"{overhead:,} B of container header, metadata and alpha", probe.encodes)
     if codec.control.discrete:
         out = _discrete(codec, probe, target, None if ceiling is None else ceiling - overhead)
     elif ceiling is not None:

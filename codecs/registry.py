@@ -22,6 +22,7 @@ _entry_points_loaded = False
 # is first asked for, so a job with a classical codec never pays for torch and compressai
 # (seconds) in its driver or workers.
 _BUILTIN = {"jpeg": "ratefit.codecs.pillow", "webp": "ratefit.codecs.pillow", "avif": "ratefit.codecs.pillow",
+            "jxl": "ratefit.codecs.jxl", "jxl-lossless": "ratefit.codecs.jxl",
             "gain-hyperprior": "ratefit.codecs.gain_hyperprior",
             "gain-hyperprior-roi": "ratefit.codecs.gain_hyperprior_roi"}
 # CompressAI's zoo (``codecs/zoo.py``); named here so listing them does not import torch.

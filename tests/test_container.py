@@ -10,6 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import numpy as np
+
+from ratefit.codecs.base import Extras
 from ratefit.codecs.container import (
     FORMAT_VERSION,
     MAGIC,
@@ -17,7 +20,9 @@ from ratefit.codecs.container import (
     ContainerError,
     Header,
     header_size,
+    extras_of,
     pack,
+    sections_of,
     unpack,
 )
 
@@ -196,7 +201,7 @@ def test_non_utf8_codec_name_is_a_container_error():
 def test_non_ascii_mode_is_a_container_error():
     payload = b"abc"
     blob = bytearray(_blob(payload, mode="RGB"))
-    mode_at = len(blob) - len(payload) - 8 - 3
+    mode_at = len(blob) - len(payload) - 8 - 1 - 3   # tail, section count (0), mode
     assert bytes(blob[mode_at:mode_at + 3]) == b"RGB"
     blob[mode_at] = 0xC3
     with pytest.raises(ContainerError, match="corrupt header"):
@@ -254,3 +259,51 @@ def test_mutated_containers_parse_to_the_same_payload_or_raise_container_error(
     if out is not None:
         _, parsed = out
         assert parsed == payload
+
+
+# ------------------------------------------------------------------------ sections (version 2)
+
+def _v1_blob(payload: bytes, codec: str = "jpeg") -> bytes:
+    """A container as version 1 wrote it (no sections; the CRC covers the payload only)."""
+    name = codec.encode()
+    return b"".join([struct.pack("<4sBB", MAGIC, 1, 0), bytes([len(name)]), name, bytes([0]),
+                     struct.pack("<dII", 3.0, 7, 5), bytes([3]), b"RGB",
+                     struct.pack("<II", len(payload), zlib.crc32(payload)), payload])
+
+
+def test_version_1_files_still_decode():
+    header, payload = unpack(_v1_blob(b"old payload"))
+    assert (header.version, header.codec, header.width, header.height) == (1, "jpeg", 7, 5)
+    assert payload == b"old payload" and header.sections == {}
+    assert extras_of(header) == Extras()
+
+
+def test_extras_round_trip_through_sections():
+    alpha = (np.arange(6 * 4) * 11 % 256).astype(np.uint8).reshape(4, 6)
+    extras = Extras(alpha=alpha, icc=b"icc profile bytes", exif=b"Exif\0\0II*\0", xmp=b"<x:xmpmeta/>")
+    sections = sections_of(extras)
+    blob = pack("gain-hyperprior", b"coded", value=1.5, width=6, height=4, sections=sections)
+    assert len(blob) == header_size("gain-hyperprior", b"", "RGB", sections) + len(b"coded")
+    header, payload = unpack(blob)
+    assert header.version == FORMAT_VERSION == 2 and payload == b"coded"
+    back = extras_of(header)
+    assert np.array_equal(back.alpha, alpha)                       # lossless
+    assert (back.icc, back.exif, back.xmp) == (extras.icc, extras.exif, extras.xmp)
+
+
+def test_no_extras_no_sections():
+    assert sections_of(Extras()) == {}
+
+
+def test_corrupt_section_fails_the_checksum():
+    blob = bytearray(pack("jpeg", b"p", value=1, width=2, height=2, sections={b"XMP ": b"<xmp/>"}))
+    blob[blob.index(b"<xmp/>")] ^= 1
+    with pytest.raises(ContainerError, match="checksum"):
+        unpack(bytes(blob))
+
+
+def test_alpha_section_of_the_wrong_size_is_refused():
+    sections = sections_of(Extras(alpha=np.zeros((3, 3), np.uint8)))
+    header, _ = unpack(pack("jpeg", b"p", value=1, width=4, height=4, sections=sections))
+    with pytest.raises(ContainerError, match="alpha section"):
+        extras_of(header)
