@@ -26,6 +26,7 @@ what kind of control it has; the workers build it.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 
 from ratefit.codecs.container import SUFFIX
 from ratefit.codecs.registry import describe, preferred_device
-from ratefit.jobs.plan import iter_folder, iter_listing, shard
+from ratefit.jobs.plan import iter_folder, iter_listing, iter_stored_outputs, shard
 from ratefit.jobs.spec import JobSpec, weights_options
 from ratefit.workers.compress import CompressConfig
 from ratefit.workers.decompress import DecompressConfig
@@ -67,8 +68,9 @@ def run_manifest_dir(run_id: str) -> str:
 def plan_items(spec: JobSpec) -> Iterator[Item]:
     """The job's inputs, streamed in a deterministic order: a folder walk or a listing file
     (compress), or the containers under INPUT (decompress)."""
-    if spec.kind == "decompress":
-        return iter_folder(spec.input, (SUFFIX,), spec.storage_options, skip_url=spec.output)
+    if spec.kind == "decompress":   # containers by their suffix, plain files by the manifest beside them
+        return itertools.chain(iter_folder(spec.input, (SUFFIX,), spec.storage_options, skip_url=spec.output),
+                               iter_stored_outputs(spec.input, spec.storage_options))
     if spec.is_listing:
         return iter_listing(spec.input, spec.storage_options)
     return iter_folder(spec.input, spec.extensions, spec.storage_options, skip_url=spec.output)
@@ -94,7 +96,8 @@ def compress_config(spec: JobSpec, manifest_dir: str = MANIFEST_DIR, run_id: str
                           target=spec.default_target(), storage_options=spec.storage_options,
                           max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap,
                           refine_steps=spec.refine_steps, manifest_dir=manifest_dir, run_id=run_id,
-                          retire=spec.retire_originals, retire_to=spec.retire_to)
+                          strip_metadata=spec.strip_metadata, srgb=spec.srgb, min_savings=spec.min_savings,
+                          retire=spec.retire_originals, retire_to=spec.retire_to, item_timeout_s=spec.item_timeout_s)
 
 
 def build_pass(spec: JobSpec, name: str, run_id: str | None = None) -> Pass:
@@ -103,12 +106,13 @@ def build_pass(spec: JobSpec, name: str, run_id: str | None = None) -> Pass:
         config: Any = DecompressConfig(output=spec.output, storage_options=spec.storage_options,
                                        codec_options={spec.codec: spec.codec_kwargs()} if spec.codec_options else {},
                                        learned_options=weights_options({}, spec.weights, spec.storage_options),
-                                       max_pixels=spec.max_pixels)
+                                       max_pixels=spec.max_pixels, item_timeout_s=spec.item_timeout_s)
         return Pass(name, config, DECOMPRESS_SCHEMA, MANIFEST_DIR, "cpu", RESUME_BY_SHARD)
     device = codec_device(spec)
     if name == "probe":
         config = ProbeConfig(output=spec.output, codec=spec.codec, codec_options=spec.codec_kwargs(),
-                             probes=spec.probes, storage_options=spec.storage_options, max_pixels=spec.max_pixels)
+                             probes=spec.probes, storage_options=spec.storage_options, max_pixels=spec.max_pixels,
+                             item_timeout_s=spec.item_timeout_s)
         return Pass(name, config, PROBE_SCHEMA, PROBES_DIR, device, RESUME_BY_SHARD)
     if name == "compress":
         if run_id is None:

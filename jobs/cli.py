@@ -58,6 +58,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help='fsspec storage options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:8333"}\'')
     p.add_argument("--storage-retry-s", type=float, help="how long reads and writes ride out a storage outage "
                                                           "before the job stops, resumable (default 120)")
+    p.add_argument("--item-timeout", dest="item_timeout_s", type=float, metavar="S",
+                   help="seconds one item's read, decode or encode may take: past it the item is an error row "
+                        "at its stage, its worker is replaced and the shard goes on (default 600)")
     p.add_argument("--overwrite", action="store_true", default=None, help="discard an earlier run in OUTPUT and start over")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the progress bar")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
@@ -105,6 +108,14 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refine-steps", type=int, help="learned codecs: optimise each image's latents for this many "
                                                     "steps before the final rate search (slower encode, more quality "
                                                     "per byte; the decoder is unchanged; default 0)")
+    p.add_argument("--strip-metadata", action="store_true", default=None,
+                   help="drop EXIF, XMP and the ICC profile (pixels are converted to sRGB through the profile first); "
+                        "by default they travel with the output")
+    p.add_argument("--srgb", action="store_true", default=None,
+                   help="convert pixels to sRGB through their ICC profile and drop it (EXIF and XMP still travel)")
+    p.add_argument("--min-savings", type=float,
+                   help="keep an input as it is (status skipped, no output, never retired) unless its result is at "
+                        "least this fraction smaller (default 0: strictly smaller)")
     p.add_argument("--extensions", help="comma-separated input extensions (default: common image formats)")
     p.add_argument("--max-pixels", type=int, help="refuse inputs above this many pixels (checked before decoding)")
     p.add_argument("--no-ms-ssim", dest="ms_ssim", action="store_false", default=None,
@@ -120,7 +131,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "strip_metadata", "srgb", "min_savings", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "item_timeout_s", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress", "in_process")
 
 
@@ -144,28 +155,54 @@ def spec_from_args(args: argparse.Namespace, kind: str = "compress") -> JobSpec:
 def _inspect(args: argparse.Namespace) -> int:
     import fsspec
 
-    from ratefit.codecs.container import ContainerError, unpack
+    from ratefit.codecs.container import MAGIC, ContainerError, unpack
 
     status = 0
     for url in args.files:
         try:
             with fsspec.open(url, "rb") as f:
                 data = f.read()
-            header, _ = unpack(data)
-        except (ContainerError, OSError) as e:
+            info = _container_info(unpack(data)[0], data) if data.startswith(MAGIC) else _plain_info(data)
+        except (ContainerError, OSError, ValueError) as e:
             print(f"{redact(url)}: error: {e}", file=sys.stderr)
             status = 2
             continue
-        info = {
-            "file": redact(url), "format_version": header.version, "codec": header.codec,
-            "weights_sha256": header.weights_sha256.hex() or None, "rate_param": header.value,
-            "width": header.width, "height": header.height, "original_mode": header.mode,
-            "header_bytes": header.size, "payload_bytes": header.payload_length,
-            "file_bytes": len(data), "bpp": round(len(data) * 8 / (header.width * header.height), 5),
-            "crc32": f"{header.crc32:08x}",
-        }
-        print(json.dumps(info, indent=2))
+        print(json.dumps({"file": redact(url), **info}, indent=2))
     return status
+
+
+def _container_info(header: Any, data: bytes) -> dict[str, Any]:
+    return {
+        "format_version": header.version, "codec": header.codec,
+        "weights_sha256": header.weights_sha256.hex() or None, "rate_param": header.value,
+        "width": header.width, "height": header.height, "original_mode": header.mode,
+        "header_bytes": header.size, "payload_bytes": header.payload_length,
+        "file_bytes": len(data), "bpp": round(len(data) * 8 / (header.width * header.height), 5),
+        "crc32": f"{header.crc32:08x}",
+        "sections": {tag.decode("ascii", "replace").strip(): len(v) for tag, v in header.sections.items()},
+    }
+
+
+def _plain_info(data: bytes) -> dict[str, Any]:
+    """What a plain-file output (AVIF, WebP, JPEG, JPEG XL) says about itself; its codec and rate
+    value are in its manifest row."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ratefit.codecs.registry import factory_of
+
+    factory_of("jxl")   # registers the JPEG XL plugin with Pillow
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            return {"format": im.format, "width": w, "height": h, "mode": im.mode, "file_bytes": len(data),
+                    "bpp": round(len(data) * 8 / (w * h), 5), "has_icc": bool(im.info.get("icc_profile")),
+                    "exif_bytes": len(im.info.get("exif") or b""),
+                    "xmp_bytes": len(im.info.get("xmp") or b"")}
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"not a ratefit container nor an image file ({len(data)} bytes, starts {data[:8]!r}): "
+                         f"{type(e).__name__}") from None
 
 
 def _codecs(args: argparse.Namespace) -> int:
@@ -204,7 +241,7 @@ def main(argv: list[str] | None = None, prog: str = "ratefit") -> int:
     add_compress_arguments(pc)
     pd = sub.add_parser("decompress", help="restore PNGs from the .rfic files under INPUT", **entry)
     add_decompress_arguments(pd)
-    pi = sub.add_parser("inspect", help="print the header of .rfic files")
+    pi = sub.add_parser("inspect", help="print the header of .rfic files (or what a plain output file says)")
     pi.add_argument("files", nargs="+")
     sub.add_parser("codecs", help="list registered codecs")
     pt = sub.add_parser("train", help="train the gain-hyperprior model on a folder of photos")

@@ -36,7 +36,7 @@ from ratefit.workers.retire import retire_original, retired_dir, tombstone
 from ratefit.workers.storage import atomic_write, open_fs, redact, stat_input, with_retries
 
 RUNS_DIR = "_runs"
-DONE_STATUSES = ("ok", "unreachable")   # an unchanged input with one of these is not planned again
+DONE_STATUSES = ("ok", "unreachable", "skipped")   # an unchanged input with one of these is not planned again
 
 
 def new_run_id(after: str | None = None) -> str:

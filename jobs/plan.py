@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 import fsspec
 
 from ratefit.codecs.rate import TARGET_KINDS, Target
-from ratefit.workers.items import Item, Shard
+from ratefit.workers.items import Item, Shard, StoredOutput
 from ratefit.workers.storage import is_local, open_fs, version_from, with_retries
 
 LISTING_BATCH_ROWS = 8192
@@ -101,6 +101,37 @@ def iter_folder(input_url: str, extensions: Iterable[str], storage_options: dict
         if path.lower().endswith(exts):
             uri = path if is_local(fs) else fs.unstrip_protocol(path)
             yield Item(uri=uri, relpath=_relative(path, root), size=size, version=version)
+
+
+def iter_stored_outputs(input_url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Item]:
+    """The plain-file outputs (``a/b.png.avif``) a compress job's manifest under INPUT names
+    (rows ``ok`` or ``unreachable``: both stored their result).
+
+    They have no container header, so the manifest is what says which files are ratefit
+    outputs, which codec wrote each and its checksum. RFIC containers are found by the folder
+    walk instead; a folder without a manifest has no plain outputs to plan.
+    """
+    from ratefit.workers.manifest import current_state
+
+    fs, root = open_fs(input_url, storage_options)
+    state = current_state(fs, root, ["status", "output_uri", "codec", "output_sha256", "width", "height",
+                                     "rate_param"])
+    rows = [r for r in state.to_pylist()
+            if r["status"] in ("ok", "unreachable") and r["output_uri"] and not r["output_uri"].endswith(".rfic")]
+    base = root.replace(os.sep, "/").rstrip("/") + "/"
+    items = []
+    for r in rows:
+        path = fs._strip_protocol(r["output_uri"]).replace(os.sep, "/")
+        stored = StoredOutput(codec=r["codec"], sha256=r["output_sha256"], width=r["width"], height=r["height"],
+                              value=r["rate_param"])
+        if not path.startswith(base):
+            items.append(Item(uri=r["output_uri"], relpath=posixpath.basename(path), stored=stored,
+                              error=f"manifest row names {r['output_uri']}, which is not under {input_url} "
+                                    "(the folder was moved: decompress it where it was written)"))
+            continue
+        uri = path if is_local(fs) else fs.unstrip_protocol(path)
+        items.append(Item(uri=uri, relpath=path[len(base):], stored=stored))
+    yield from sorted(items, key=lambda i: i.relpath)
 
 
 # ------------------------------------------------------------------------ listing files

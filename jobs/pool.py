@@ -3,12 +3,17 @@
 Written once here: how many workers and what each asks Ray for, the start-up check (a codec
 that cannot be built stops the job before OUTPUT is touched), keeping a bounded number of
 shards in flight per worker, retrying a failed shard (on a fresh actor when its actor died),
-and turning a storage outage into one resumable JobError. What a pass is (which shards, where
-their parts go, what a shard that failed every attempt leaves behind) is the runner's.
+replacing an actor where an item hung past ``--item-timeout`` (its shard finished without it,
+``workers/actor.py``), and turning a storage outage into one resumable JobError. What a pass
+is (which shards, where their parts go, what a shard that failed every attempt leaves behind)
+is the runner's.
 
 ``RayPool`` is what jobs use. ``LocalPool`` runs the very same ``ShardWorker.process`` in this
 process, one shard after another: the bench's naive loop, ``JobSpec.in_process`` (small jobs,
-debugging, fast tests) and anything that must not start Ray use it.
+debugging, fast tests) and anything that must not start Ray use it. It cannot replace its
+process: a thread abandoned after ``--item-timeout`` lingers in it until it returns (it stops
+at its next stage boundary, so it writes nothing unless it hung in the write itself; the next
+items run on a fresh codec).
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ class RayPool:
         self._config, self._retry_s = config, storage_retry_s
         self._started = connect(address)
         self._slots: list[_Slot] = []
+        self._draining: list[Any] = []   # replaced actors still finishing shards sent to them
         try:
             n, gpus = pool_size(device, workers, gpus_per_worker)
             # The pool restarts actors itself (a fresh one replaces a dead one), so it always
@@ -122,12 +128,32 @@ class RayPool:
             slot.busy += 1
             in_flight[ref] = (slot, slot.actor, shard, attempt)
 
+        def retire(actor: Any) -> None:
+            # Its shards in flight finish first (their items run on a fresh codec there).
+            if not any(a is actor for _, a, _, _ in in_flight.values()):
+                self._draining = [a for a in self._draining if a is not actor]
+                try:
+                    ray.kill(actor)
+                except Exception:
+                    pass
+            elif not any(a is actor for a in self._draining):
+                self._draining.append(actor)
+
         def collect_one() -> Done | None:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             slot, actor, shard, attempt = in_flight.pop(ready[0])
             slot.busy -= 1
+            for old in list(self._draining):   # ... killed once their last shard is back
+                retire(old)
             try:
-                return Done(shard, attempt, summary=ray.get(ready[0]))
+                summary = ray.get(ready[0])
+                if summary.get("replace_actor"):   # an item hung there past --item-timeout
+                    if slot.actor is actor:
+                        log.warning("an item of shard %d hung past --item-timeout; replacing its worker",
+                                    shard.index)
+                        slot.actor = self._new_actor()
+                    retire(actor)
+                return Done(shard, attempt, summary=summary)
             except StorageUnavailable as e:
                 raise _outage(shard, e) from None
             except RayError as e:
@@ -159,12 +185,12 @@ class RayPool:
     def close(self) -> None:
         import ray
 
-        for slot in self._slots:
+        for actor in [slot.actor for slot in self._slots] + self._draining:
             try:
-                ray.kill(slot.actor)
+                ray.kill(actor)
             except Exception:
                 pass
-        self._slots = []
+        self._slots, self._draining = [], []
         if self._started:
             ray.shutdown()
             self._started = False

@@ -204,7 +204,8 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
     if spec.kind == "compress":
         summary.update(mean_bpp=mean("bpp"), mean_psnr=mean("psnr"), mean_ms_ssim=mean("ms_ssim"),
                        lossless_items=totals["lossless"], saved_bytes=totals["saved_bytes"],
-                       retired_items=totals["retired"])
+                       retired_items=totals["retired"], skipped_items=statuses.get("skipped", 0),
+                       skipped_candidate_bytes=totals["skipped_candidate_bytes"])
         if spec.verify:
             # Counted from the rows: shards committed by an earlier run without --verify do not count.
             summary.update(verified_items=verified_items, verify_failures=verify_failures)

@@ -30,7 +30,8 @@ LISTING_SUFFIXES = (".parquet", ".csv")
 # Every job: what changes an output's bytes for the same input. Codec and target are not among
 # them for compress jobs: each row records its own, and an incremental run re-plans the items
 # whose codec or target changed instead of refusing the job.
-_HASH_OUTPUT = {"kind": None, "codec_options": {}, "weights": None, "qmap": None, "refine_steps": 0}
+_HASH_OUTPUT = {"kind": None, "codec_options": {}, "weights": None, "qmap": None, "refine_steps": 0,
+                "strip_metadata": False, "srgb": False, "min_savings": 0.0}
 # Jobs that resume by shard (budget, decompress) also need the same shards and, for budgets, the plan.
 _HASH_SHARDS = {"input": None, "extensions": None, "shard_size": None, "max_pixels": None}
 _HASH_BUDGET = {"codec": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr",
@@ -71,6 +72,9 @@ class JobSpec:
     probes: int | None = None           # budget jobs: probe values per image (default by codec kind)
     qmap: str | None = None             # a quality-map generator name or a folder of PNG maps (spatial codecs)
     refine_steps: int = 0               # latent refinement steps per image (learned codecs; 0 = off)
+    strip_metadata: bool = False        # drop EXIF, XMP and the ICC profile (pixels converted to sRGB first)
+    srgb: bool = False                  # convert pixels to sRGB through their ICC profile, then drop it
+    min_savings: float = 0.0            # keep an input as it is unless its result is this fraction smaller
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     shard_size: int = 16
     workers: int | None = None         # actors; default: one per CPU (or per GPU for GPU codecs)
@@ -81,6 +85,7 @@ class JobSpec:
     retire_originals: bool = False     # delete each original once its verified row is committed (implies verify)
     retire_to: str | None = None       # ... or move it under this prefix (implies retire_originals)
     storage_retry_s: float = 120.0     # how long storage operations ride out an outage before the job stops
+    item_timeout_s: float = 600.0      # an item's work past this is an error row (not hashed: outputs are the same)
     overwrite: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     address: str | None = None         # Ray address; None = embedded local Ray (or the submitting cluster)
@@ -123,7 +128,18 @@ class JobSpec:
         if self.probes is not None and (not isinstance(self.probes, int) or isinstance(self.probes, bool)
                                         or not 2 <= self.probes <= 64):
             raise SpecError(f"probes: must be an integer within 2..64, got {self.probes!r}")
-        if self.kind == "compress" and not given and not budgets and not self.is_listing:
+        lossless = self.kind == "compress" and self._codec_is_lossless()
+        if lossless and (given or budgets):
+            raise SpecError(f"codec {self.codec} is lossless: rate targets and budgets do not apply "
+                            f"(drop {', '.join('--' + k.replace('_', '-') for k in given + budgets)})")
+        for k in ("strip_metadata", "srgb"):
+            if not isinstance(getattr(self, k), bool):
+                raise SpecError(f"{k}: must be true or false, got {getattr(self, k)!r}")
+        v = self.min_savings
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+            raise SpecError(f"min_savings: must be a fraction within [0, 1) (0.1 = at least 10% smaller), got {v!r}")
+        self.min_savings = float(v)
+        if self.kind == "compress" and not given and not budgets and not self.is_listing and not lossless:
             raise SpecError("no target: give --target-bpp, --target-bytes or --target-psnr, a budget "
                             "(--budget-bytes, --budget-bpp), or a listing file with per-item target_* columns")
         if isinstance(self.extensions, str):
@@ -138,6 +154,10 @@ class JobSpec:
         v = self.storage_retry_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise SpecError(f"storage_retry_s: must be a number of seconds >= 0, got {v!r}")
+        v = self.item_timeout_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SpecError(f"item_timeout_s: must be a number of seconds > 0, got {v!r}")
+        self.item_timeout_s = float(v)
         if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
                                          or self.workers < 1):
             raise SpecError(f"workers: must be a positive integer, got {self.workers!r}")
@@ -178,6 +198,12 @@ class JobSpec:
             from ratefit.codecs.registry import list_codecs
             if self.codec not in list_codecs():
                 raise SpecError(f"codec: unknown {self.codec!r}; known: {', '.join(list_codecs())}")
+
+    def _codec_is_lossless(self) -> bool:
+        from ratefit.codecs.base import capabilities_of
+        from ratefit.codecs.registry import factory_of, list_codecs
+
+        return self.codec in list_codecs() and capabilities_of(factory_of(self.codec)).lossless
 
     def _validate_qmap(self, budgets: list[str]) -> None:
         from ratefit.codecs.qmap import GENERATORS

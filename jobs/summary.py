@@ -19,6 +19,9 @@ def print_summary(summary: dict[str, Any], output: str) -> None:
         print(f"budget {b['budget_bytes']:.0f} bytes ({b['budget_bpp']:.4f} bpp): used {b['achieved_bytes']:.0f} "
               f"({b['achieved_fraction']:.2%}); predicted mean PSNR {b['predicted_mean_psnr']:.2f} dB "
               f"(uniform rate: {b['uniform_predicted_mean_psnr']:.2f} dB); {b['corrected_items']} item(s) corrected")
+    if s.get("skipped_items"):
+        parts.append(f"{s['skipped_items']} kept as they are (results {s['skipped_candidate_bytes'] / 1e6:.2f} MB, "
+                     "not smaller)")
     if "verify_failures" in s:
         parts.append(f"{s['verified_items']} verified, {s['verify_failures']} verify failure(s)")
     if s["resumed_shards"]:

@@ -36,6 +36,22 @@ def kodak_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_gamut_icc() -> bytes:
+    """An RGB ICC profile that is not sRGB (its green primary moved), made from littleCMS's sRGB:
+    the same pixel values mean other colours, so converting or dropping it shows."""
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    for i in range(int.from_bytes(data[128:132], "big")):
+        entry = 132 + 12 * i
+        if bytes(data[entry:entry + 4]) == b"gXYZ":
+            at = int.from_bytes(data[entry + 4:entry + 8], "big") + 8
+            x = int.from_bytes(data[at:at + 4], "big", signed=True)
+            data[at:at + 4] = int(x * 0.8).to_bytes(4, "big", signed=True)
+    return bytes(data)
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray for the whole test session (jobs reuse it instead of starting their own)."""
     import ray
@@ -65,13 +81,27 @@ def s3fs_client(s3_server):
 
 @pytest.fixture()
 def photo_dir(tmp_path, samples_dir) -> Path:
-    """A small input tree: the sample photos, one in a folder with a space and non-ASCII name."""
+    """A small input tree: the sample photos, one in a folder with a space and non-ASCII name.
+
+    chelsea.png is written without its 3 kB XMP packet and 3 kB sRGB profile (same pixels):
+    metadata counts in a target, and these tests hold small images to small targets; what
+    happens to metadata is tested in test_fidelity.py.
+    """
     root = tmp_path / "in"
     (root / "sub dir" / "ünï").mkdir(parents=True)
-    shutil.copy(samples_dir / "chelsea.png", root / "chelsea.png")
+    copy_without_metadata(samples_dir / "chelsea.png", root / "chelsea.png")
     shutil.copy(samples_dir / "rocket.jpg", root / "sub dir" / "rocket launch.jpg")
     shutil.copy(samples_dir / "coffee.png", root / "sub dir" / "ünï" / "café.png")
     return root
+
+
+def copy_without_metadata(src: Path, dst: Path) -> None:
+    """Copy a sample photo as a PNG without its XMP packet and ICC profile (same pixels): for
+    tests that hold small images to small targets, where kept metadata would take the room."""
+    from PIL import Image
+
+    with Image.open(src) as im:
+        im.save(dst, format="PNG", icc_profile=None)
 
 
 def in_ci() -> bool:

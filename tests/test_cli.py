@@ -90,15 +90,14 @@ def test_compress_inspect_and_spec_file_with_flag_override(photo_dir, tmp_path):
     assert success["spec"]["codec"] == "webp" and success["spec"]["target_bytes"] == 7000.0
     assert success["spec"]["target_bpp"] is None and success["spec"]["shard_size"] == 2
 
-    bitstream = out / "chelsea.png.webp.rfic"
+    bitstream = out / "chelsea.png.webp"   # a plain WebP file: its codec and rate value are in its row
     proc = run(["inspect", str(bitstream)])
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     row = next(r for r in pq.read_table(str(out / "_manifest")).to_pylist() if r["input_uri"].endswith("chelsea.png"))
-    assert info["codec"] == "webp" and (info["width"], info["height"]) == (451, 300)
+    assert info["format"] == "WEBP" and (info["width"], info["height"]) == (451, 300)
     assert info["file_bytes"] == row["output_bytes"] == bitstream.stat().st_size <= 7000
-    assert info["rate_param"] == row["rate_param"]
-    assert info["header_bytes"] + info["payload_bytes"] == info["file_bytes"]
+    assert row["codec"] == "webp" and row["rate_param"] is not None
 
     junk = tmp_path / "junk.rfic"
     junk.write_bytes(b"definitely not a container")

@@ -62,12 +62,12 @@ def test_compress_folder_writes_bitstreams_manifest_and_success(messy_dir, tmp_p
         assert r["bpp"] <= 0.5 and r["bpp"] > 0.3
         out_file = Path(r["output_uri"])
         assert out_file.exists() and out_file.stat().st_size == r["output_bytes"]
-        assert out_file.name.endswith(".webp.rfic")
+        assert out_file.name.endswith(".png.webp") or out_file.name.endswith(".jpg.webp")
         assert r["output_bytes"] * 8 / (r["width"] * r["height"]) == pytest.approx(r["bpp"])
         assert 20 < r["psnr"] < 60 and 0.8 < r["ms_ssim"] <= 1.0
         assert r["codec"] == "webp" and r["target_kind"] == "bpp" and r["target_value"] == 0.5
         assert r["encodes"] >= 1 and r["attempt"] == 1
-    assert (out / "sub dir" / "ünï" / "café.png.webp.rfic").exists()
+    assert (out / "sub dir" / "ünï" / "café.png.webp").exists()
     assert rows["empty.png"]["status"] == "error" and "empty" in rows["empty.png"]["error"]
     assert rows["not-an-image.jpg"]["status"] == "error" and "not a recognised image" in rows["not-an-image.jpg"]["error"]
     assert rows["truncated.png"]["status"] == "error" and "truncated" in rows["truncated.png"]["error"]
@@ -156,7 +156,7 @@ def test_decompress_restores_pngs_whose_psnr_matches_the_manifest(photo_dir, tmp
 def test_decompress_reports_corrupt_and_foreign_containers(photo_dir, tmp_path):
     comp, rest = tmp_path / "comp", tmp_path / "rest"
     recompress.run(JobSpec(input=str(photo_dir), output=str(comp), codec="jpeg", target_bpp=0.5))
-    victim = comp / "chelsea.png.jpg.rfic"
+    victim = comp / "chelsea.png.jpg"      # a plain JPEG: its manifest row's checksum guards it
     data = bytearray(victim.read_bytes())
     data[-10] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -164,13 +164,13 @@ def test_decompress_reports_corrupt_and_foreign_containers(photo_dir, tmp_path):
     summary = decompress.run(JobSpec(input=str(comp), output=str(rest), kind="decompress"))
     assert summary["statuses"] == {"ok": 2, "error": 2}
     errors = {Path(r["input_uri"]).name: r["error"] for r in manifest(rest).to_pylist() if r["status"] == "error"}
-    assert "checksum" in errors["chelsea.png.jpg.rfic"]
+    assert "checksum" in errors["chelsea.png.jpg"]
     assert "junk.rfic" in errors
 
     # The pixel limit holds for containers too, from the CLI, before anything is decoded.
     assert cli.main(["decompress", str(comp), str(tmp_path / "small"), "--max-pixels", "100000", "--no-progress"]) == 0
     limited = {Path(r["input_uri"]).name: r for r in manifest(tmp_path / "small").to_pylist()}
-    big = limited["café.png.jpg.rfic"]     # 600x400 = 240,000 pixels
+    big = limited["café.png.jpg"]     # 600x400 = 240,000 pixels
     assert big["status"] == "error" and "over the limit of 100000" in big["error"]
 
 
@@ -193,7 +193,7 @@ def test_listing_file_with_per_item_targets(photo_dir, tmp_path):
     assert rows["escape.png"]["status"] == "error" and "escape" in rows["escape.png"]["error"]
     assert rows["missing.png"]["status"] == "error" and "not found" in rows["missing.png"]["error"]
     assert rows["missing.png"]["target_value"] == 1.0   # the job-wide default applies
-    assert not (tmp_path / "escape.png.jpg.rfic").exists()
+    assert not (tmp_path / "escape.png.jpg").exists()
 
 
 def test_csv_listing_and_unreachable_target(photo_dir, tmp_path):

@@ -73,37 +73,50 @@ def test_palette_without_transparency():
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "GIF"])
-def test_palette_with_transparency_composites_onto_white(fmt):
+def test_palette_with_transparency_keeps_alpha(fmt):
     d = decode_image(encode(_palette_image(), fmt, transparency=0))
-    px = check_rgb8(d, 4, 2)
+    check_rgb8(d, 4, 2)
     assert d.original_mode == "P"
+    assert d.extras.alpha is not None and d.extras.alpha.shape == (2, 4)
+    assert d.extras.alpha[0, 0] == 0 and d.extras.alpha[0, 1] == 255
+    px = d.matted()                           # what a viewer shows on white
     assert tuple(px[0, 0]) == WHITE          # transparent index -> white, not (10, 20, 30)
     assert tuple(px[1, 3]) == WHITE
     assert tuple(px[0, 1]) == (200, 100, 50)  # opaque index unchanged
 
 
-def test_rgba_alpha_composited_onto_white():
+def test_rgba_alpha_kept_and_matted_onto_white():
     im = Image.new("RGBA", (2, 2), (10, 20, 30, 0))       # fully transparent, non-white colour
     im.putpixel((1, 0), (0, 0, 0, 255))
     im.putpixel((0, 1), (0, 0, 0, 128))
     im.putpixel((1, 1), (200, 100, 50, 255))
     d = decode_image(encode(im, "PNG"))
-    px = check_rgb8(d, 2, 2)
+    check_rgb8(d, 2, 2)
     assert d.original_mode == "RGBA"
+    assert d.extras.alpha.tolist() == [[0, 255], [128, 255]]         # the alpha travels exactly
+    assert tuple(d.pixels[0, 0]) == (10, 20, 30)                     # colour left unmatted
+    px = d.matted()
     assert tuple(px[0, 0]) == WHITE
     assert tuple(px[0, 1]) == BLACK
     assert all(abs(int(v) - 127) <= 1 for v in px[1, 0])   # half-transparent black on white
     assert tuple(px[1, 1]) == (200, 100, 50)
 
 
-def test_la_composited_onto_white():
+def test_opaque_alpha_is_no_alpha():
+    d = decode_image(encode(Image.new("RGBA", (3, 2), (1, 2, 3, 255)), "PNG"))
+    assert d.extras.alpha is None
+
+
+def test_la_alpha_kept_and_matted_onto_white():
     im = Image.new("LA", (3, 1))
     im.putpixel((0, 0), (0, 0))
     im.putpixel((1, 0), (0, 255))
     im.putpixel((2, 0), (100, 128))
     d = decode_image(encode(im, "PNG"))
-    px = check_rgb8(d, 3, 1)
+    check_rgb8(d, 3, 1)
     assert d.original_mode == "LA"
+    assert d.extras.alpha.tolist() == [[0, 255, 128]]
+    px = d.matted()
     assert tuple(px[0, 0]) == WHITE
     assert tuple(px[0, 1]) == BLACK
     expected = 100 * 128 / 255 + 255 * (1 - 128 / 255)
@@ -311,3 +324,43 @@ def test_max_pixels_above_pillows_bomb_limit_is_honoured():
     err = _item_error(png_claiming(13400, 13400), max_pixels=300_000_000)
     assert "refused before decoding" not in err.message
     assert "truncated" in err.message or "corrupt" in err.message
+
+
+# ------------------------------------------------------------------------- metadata
+
+def test_exif_and_xmp_travel_with_orientation_patched_to_1():
+    im = Image.new("RGB", (40, 20), RED)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x013B] = "A. Photographer"
+    exif[0x8298] = "(c) 2026 A. Photographer"
+    raw = exif.tobytes()
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"/></x:xmpmeta>'
+    d = decode_image(encode(im, "JPEG", exif=raw, xmp=xmp))
+    assert (d.width, d.height) == (20, 40)                      # rotated as orientation 6 says
+    kept = Image.Exif()
+    kept.load(d.extras.exif)
+    assert kept[0x0112] == 1 and kept[0x013B] == "A. Photographer" and kept[0x8298].startswith("(c) 2026")
+    assert len(d.extras.exif) == len(raw if raw.startswith(b"Exif") else b"Exif\0\0" + raw)   # patched in place
+    assert d.extras.xmp == xmp
+
+
+def test_strip_metadata_drops_exif_and_xmp():
+    exif = Image.Exif()
+    exif[0x013B] = "someone"
+    d = decode_image(encode(Image.new("RGB", (8, 8), RED), "JPEG", exif=exif.tobytes(), xmp=b"<x/>"),
+                     keep_metadata=False)
+    assert d.extras.exif is None and d.extras.xmp is None
+
+
+def test_rgb_icc_profile_kept_or_converted_to_srgb(wide_gamut_icc):
+    # A profile that is not sRGB: the same pixels mean other colours, so --srgb must change them.
+    rgb_profile = wide_gamut_icc
+    im = Image.new("RGB", (8, 8), (200, 40, 40))
+    data = encode(im, "PNG", icc_profile=rgb_profile)
+    kept = decode_image(data)
+    assert kept.extras.icc == rgb_profile
+    assert tuple(kept.pixels[0, 0]) == (200, 40, 40)
+    converted = decode_image(data, keep_icc=False)
+    assert converted.extras.icc is None
+    assert tuple(converted.pixels[0, 0]) != (200, 40, 40)

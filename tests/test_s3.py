@@ -86,7 +86,7 @@ def test_listing_on_s3_reads_inputs_from_s3(s3_server, s3fs_client, bucket, samp
     rows = {r["input_uri"]: r for r in pq.read_table(str(out / "_manifest")).to_pylist()}
     assert 5000 < rows[f"s3://{bucket}/in/chelsea.png"]["output_bytes"] <= 6000
     assert 2000 < rows[f"s3://{bucket}/in/coffee.png"]["output_bytes"] <= 3000
-    assert (out / "in" / "chelsea.png.jpg.rfic").exists() and (out / "in" / "coffee.png.jpg.rfic").exists()
+    assert (out / "in" / "chelsea.png.jpg").exists() and (out / "in" / "coffee.png.jpg").exists()
 
 
 def test_rerun_on_s3_sees_parts_written_by_workers(s3_server, s3fs_client, bucket, samples_dir):

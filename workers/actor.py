@@ -4,6 +4,10 @@ Per shard: every item's bitstream is written first, then the shard's manifest pa
 commits the shard. The actor is a plain class here; the runner wraps it with
 ``ray.remote`` and the resources it needs (a GPU when the codec wants one and the cluster
 has them).
+
+An item past ``--item-timeout`` leaves its processor poisoned (``workers/processor.py``): the
+worker builds a fresh one (a fresh codec) for the rest of the shard, and the shard's result
+says ``replace_actor``, so the pool replaces this process and the hung thread ends with it.
 """
 
 from __future__ import annotations
@@ -23,13 +27,28 @@ class ShardWorker:
     def __init__(self, config: CompressConfig | DecompressConfig | ProbeConfig, storage_retry_s: float | None = None):
         if storage_retry_s is not None:
             set_retry_window(storage_retry_s)
-        if isinstance(config, CompressConfig):
-            self.processor: Compressor | Decompressor | Prober = Compressor(config)
-        elif isinstance(config, ProbeConfig):
-            self.processor = Prober(config)
-        else:
-            self.processor = Decompressor(config)
+        self.config = config
+        self.processor = self._new_processor()
+        self.replace_actor = False   # an item hung here: its thread lives on until the process ends
         self.manifest_root = f"{self.processor.out_root}/{getattr(config, 'manifest_dir', MANIFEST_DIR)}"
+
+    def _new_processor(self) -> Compressor | Decompressor | Prober:
+        config = self.config
+        if isinstance(config, CompressConfig):
+            return Compressor(config)
+        if isinstance(config, ProbeConfig):
+            return Prober(config)
+        return Decompressor(config)
+
+    def _process_items(self, shard: Shard, attempt: int) -> list[dict[str, Any]]:
+        rows = []
+        for item in shard.items:
+            if self.processor.poisoned:   # an item timed out: the items after it get a fresh codec
+                self.replace_actor = True
+                self.processor = self._new_processor()
+            rows.append(self.processor(item, shard.index, attempt))
+        self.replace_actor = self.replace_actor or self.processor.poisoned
+        return rows
 
     def process(self, shard: Shard, attempt: int = 1) -> dict[str, Any]:
         # A retry of a shard whose part is already committed (its worker died after the commit,
@@ -38,7 +57,7 @@ class ShardWorker:
         fs = self.processor.out_fs
         rows = committed_rows(fs, self.manifest_root, shard.index) if attempt > 1 else None
         if rows is None:
-            rows = [self.processor(item, shard.index, attempt) for item in shard.items]
+            rows = self._process_items(shard, attempt)
             write_part(fs, self.manifest_root, shard.index, rows, self.processor.schema)
         stats = part_stats(rows)
         config = self.processor.config
@@ -47,7 +66,8 @@ class ShardWorker:
                                             config.storage_options, self.processor.out_fs,
                                             self.processor.out_root, shard.index, retry=attempt > 1)
         return {"shard": shard.index, "items": len(rows), "statuses": stats["statuses"],
-                "input_bytes": stats["input_bytes"], "output_bytes": stats["output_bytes"], "stats": stats}
+                "input_bytes": stats["input_bytes"], "output_bytes": stats["output_bytes"], "stats": stats,
+                "replace_actor": self.replace_actor}
 
     def ready(self) -> bool:
         return True

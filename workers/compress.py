@@ -6,6 +6,8 @@ storage outage is raised, so the job stops and a re-run resumes).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import posixpath
 import time
@@ -17,11 +19,11 @@ import numpy as np
 
 from ratefit.codecs import container
 from ratefit.codecs import qmap as qmaps
-from ratefit.codecs.base import CodecError, capabilities_of, payload_weights_sha256
+from ratefit.codecs.base import EMBEDDABLE, CodecError, Extras, capabilities_of, payload_weights_sha256
 from ratefit.codecs.metrics import ms_ssim, psnr
-from ratefit.codecs.rate import Target, aim, search
+from ratefit.codecs.rate import Outcome, Target, aim, search
 from ratefit.workers.codec_loader import load_codec
-from ratefit.workers.decompress import check_container, decode_payload
+from ratefit.workers.decompress import check_container, decode_payload, decode_plain, stored_extras
 from ratefit.workers.items import Item
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR
 from ratefit.workers.memory import with_tile_fallback
@@ -47,6 +49,10 @@ class CompressConfig:
     retire: bool = False                # --retire-originals: the actor retires verified originals after commit
     retire_to: str | None = None        # ... moving them under this prefix instead of deleting them
     refine_steps: int = 0               # latent refinement steps per image before the final search (0 = off)
+    strip_metadata: bool = False        # --strip-metadata: no EXIF, XMP or ICC profile travels (pixels go to sRGB)
+    srgb: bool = False                  # --srgb: pixels converted to sRGB through their profile, which is dropped
+    min_savings: float = 0.0            # --min-savings: a result must be this fraction smaller than its input
+    item_timeout_s: float | None = 600.0  # --item-timeout: an item past it is an error row (processor.py)
 
 
 class TimedCodec:
@@ -71,8 +77,12 @@ class TimedCodec:
         finally:
             self.ms[method] += (time.perf_counter() - t0) * 1000.0
 
-    def prepare(self, image: np.ndarray, *qmap: np.ndarray | None) -> Any:
-        return self._timed("prepare", image, *qmap)
+    def prepare(self, image: np.ndarray, *qmap: np.ndarray | None, **extras: Extras) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self._codec.prepare(image, *qmap, **extras)
+        finally:
+            self.ms["prepare"] += (time.perf_counter() - t0) * 1000.0
 
     def estimate(self, prepared: Any, value: float) -> float | None:
         return self._timed("estimate", prepared, value)
@@ -110,6 +120,10 @@ class Compressor(ItemProcessor):
         if config.refine_steps and not self.capabilities.refine:
             raise CodecError(f"--refine-steps {config.refine_steps}: codec {config.codec} has no latent "
                              f"refinement (gain-hyperprior has)")
+        caps = self.capabilities
+        # What the output keeps beside the colour: a container keeps everything in its sections,
+        # a plain file what its format embeds.
+        self.keeps = caps.embeds if caps.plain_file else EMBEDDABLE
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
 
     def output_relpath(self, item: Item) -> str:
@@ -134,21 +148,45 @@ class Compressor(ItemProcessor):
         except ValueError as e:
             raise ItemError("plan", str(e)) from None
         row["output_uri"] = redact(full_url(self.out_fs, out_path))
-        if target is None:
+        lossless = self.capabilities.lossless
+        if target is None and not lossless:
             raise ItemError("plan", "no target: give --target-bpp/--target-bytes/--target-psnr "
                                     "or a target_* column in the listing")
+        if target is not None and lossless:
+            raise ItemError("plan", f"codec {codec.name} is lossless: rate targets do not apply "
+                                    f"(the listing gives target_{target.kind})")
         stages.append("read")
         t0 = time.perf_counter()
         if item.version is None and self.config.run_id:   # a listing's input: ask before reading,
             row["input_bytes"], row["source_version"] = stat_input(item.uri, self.config.storage_options)
-        image, row["input_bytes"] = read_image(item, self.config.storage_options, self.config.max_pixels)
+        cfg = self.config
+        plain_pixels = cfg.srgb or cfg.strip_metadata
+        image, row["input_bytes"] = read_image(
+            item, cfg.storage_options, cfg.max_pixels, keep_icc=not plain_pixels and "icc" in self.keeps,
+            keep_metadata=not cfg.strip_metadata, keep_source=self.capabilities.restores_original and not plain_pixels)
         row["read_ms"] = (time.perf_counter() - t0) * 1000.0
-        row.update(width=image.width, height=image.height, original_mode=image.original_mode, frames=image.frames)
+        row.update(width=image.width, height=image.height, original_mode=image.original_mode, frames=image.frames,
+                   input_sha256=image.sha256)
+        self.keep_what_travels(image, row)
 
         stages.append("qmap")
         qmap = self.quality_map(item, image, row)
         with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, out_path, row, stages, qmap),
                            max(image.width, image.height), item.uri)
+
+    def keep_what_travels(self, image: DecodedImage, row: dict[str, Any]) -> None:
+        """Fit the image's extras to what the output keeps, and say in the row what travelled.
+
+        An alpha the output cannot keep (JPEG) is composited onto white, as a viewer shows it.
+        """
+        extras = image.extras
+        row["has_alpha"] = extras.alpha is not None
+        row["alpha_dropped"] = extras.alpha is not None and "alpha" not in self.keeps
+        if row["alpha_dropped"]:
+            image.pixels = image.matted()
+        image.extras = extras.only(self.keeps)
+        kept = image.extras
+        row.update(has_icc=kept.icc is not None, exif_bytes=len(kept.exif or b""), xmp_bytes=len(kept.xmp or b""))
 
     def quality_map(self, item: Item, image: DecodedImage, row: dict[str, Any]) -> np.ndarray | None:
         """The item's quality map: its listing's PNG, else the job's generator or PNG folder; None without."""
@@ -177,67 +215,128 @@ class Compressor(ItemProcessor):
         stages.append("encode")
         t0 = time.perf_counter()
         timed = TimedCodec(codec)
-        prepared = timed.prepare(image.pixels, qmap) if self.spatial else timed.prepare(image.pixels)
-        overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode)
+        caps = self.capabilities
+        args = (image.pixels, qmap) if self.spatial else (image.pixels,)
+        prepared = timed.prepare(*args, extras=image.extras) if caps.embeds else timed.prepare(*args)
+        if caps.plain_file:
+            overhead, sections = 0, {}
+        else:   # the container's sections carry the extras, and count in the target
+            sections = container.sections_of(dataclasses.replace(image.extras, source=None, source_format=None))
+            overhead = container.header_size(codec.name, codec.weights_sha256, image.original_mode, sections)
         steps = self.config.refine_steps
         if steps:
             # Refine at the value the search would pick, then search again on the refined
             # latents: the ceiling holds and the real encode stays one.
             prepared = timed.refine(prepared, image.pixels, aim(timed, prepared, image.pixels, target, overhead), steps)
-        outcome = search(timed, prepared, image.pixels, target, overhead)
-        blob = container.pack(codec.name, outcome.payload, value=outcome.value, width=w, height=h,
-                              mode=image.original_mode, weights_sha256=payload_weights_sha256(codec, outcome.payload))
+        if caps.lossless:
+            value = codec.control.low
+            outcome = Outcome(value, timed.encode(prepared, value), "ok", None, encodes=1)
+        else:
+            outcome = search(timed, prepared, image.pixels, target, overhead)
+        if caps.plain_file:
+            blob = outcome.payload
+        else:
+            blob = container.pack(codec.name, outcome.payload, value=outcome.value, width=w, height=h,
+                                  mode=image.original_mode, sections=sections,
+                                  weights_sha256=payload_weights_sha256(codec, outcome.payload))
+        exact = self.exact_original(outcome.payload, image) if caps.restores_original else None
         t1 = time.perf_counter()
         row.update(encode_ms=(t1 - t0) * 1000.0, analysis_ms=timed.ms["prepare"], refine_ms=timed.ms["refine"],
                    search_ms=timed.ms["estimate"] + timed.ms["decode"], entropy_ms=timed.ms["encode"],
-                   refine_steps=steps)
+                   refine_steps=steps, exact_original=exact, rate_param=outcome.value, encodes=outcome.encodes,
+                   estimates=outcome.estimates)
+        if self.not_smaller(len(blob), row, out_path):
+            return
 
         stages.append("write")
         atomic_write(self.out_fs, out_path, blob)
         t2 = time.perf_counter()
         row["write_ms"] = (t2 - t1) * 1000.0
 
+        row["output_sha256"] = hashlib.sha256(blob).hexdigest()
         if self.config.verify:
             stages.append("verify")
-            restored = self.verify(out_path, blob, prepared, outcome.value)
+            restored = self.verify(out_path, blob, prepared, outcome.value, image)
             row["verified"] = True
             stages.append("metrics")
         else:
             stages.append("metrics")
-            restored = codec.decode(outcome.payload, w, h, outcome.value)
-        p = psnr(image.pixels, restored)
+            restored = None if exact else codec.decode(outcome.payload, w, h, outcome.value)
+        if exact:   # the input file comes back byte for byte: its picture is the input's
+            p, q = float("inf"), (1.0 if self.config.ms_ssim else None)
+        else:
+            p = psnr(image.pixels, restored)
+            q = ms_ssim(image.pixels, restored) if self.config.ms_ssim else None
         row.update(
             status=outcome.status, error=outcome.reason, output_bytes=len(blob),
-            bpp=len(blob) * 8.0 / (w * h), rate_param=outcome.value, encodes=outcome.encodes,
-            estimates=outcome.estimates,
-            psnr=p if math.isfinite(p) else float("inf"),
-            ms_ssim=ms_ssim(image.pixels, restored) if self.config.ms_ssim else None,
+            bpp=len(blob) * 8.0 / (w * h), psnr=p if math.isfinite(p) else float("inf"), ms_ssim=q,
         )
         if qmap is not None:
             row["psnr_roi"], row["psnr_outside"] = qmaps.region_psnr(image.pixels, restored, qmaps.roi_mask(qmap))
         row["metrics_ms"] = (time.perf_counter() - t2) * 1000.0
 
-    def verify(self, out_path: str, blob: bytes, prepared: Any, value: float) -> np.ndarray:
+    def exact_original(self, payload: bytes, image: DecodedImage) -> bool:
+        """Whether ``payload`` gives the input file back byte for byte (checked, never assumed)."""
+        original = self.codec.original_of(payload)
+        if original is None:
+            return False
+        if hashlib.sha256(original).hexdigest() != image.sha256:
+            raise ItemError("encode", f"{self.codec.name}: the reconstructed original differs from the input "
+                                      f"({len(original)} B, SHA-256 mismatch)")
+        return True
+
+    def not_smaller(self, size: int, row: dict[str, Any], out_path: str) -> bool:
+        """The skip rule: a result not smaller than its input (by --min-savings) is not kept.
+
+        The row says ``skipped`` with the sizes, no output object is left (an earlier run's
+        output at that path goes too), and such an item is never retired.
+        """
+        limit = row["input_bytes"] * (1.0 - self.config.min_savings)
+        if size < row["input_bytes"] and size <= limit:
+            return False
+        rule = (f" (--min-savings {self.config.min_savings:g} allows at most {int(limit):,} B)"
+                if self.config.min_savings else "")
+        row.update(status="skipped", output_uri=None, candidate_bytes=size,
+                   error=f"kept original: {size:,} B output ≥ {row['input_bytes']:,} B input{rule}"
+                   if size >= row["input_bytes"] else f"kept original: {size:,} B output{rule}")
+        try:
+            if self.out_fs.exists(out_path):
+                self.out_fs.rm_file(out_path)
+        except FileNotFoundError:
+            pass
+        return True
+
+    def verify(self, out_path: str, blob: bytes, prepared: Any, value: float, image: DecodedImage) -> np.ndarray:
         """Read the stored file back, decode it as a decompress job would, and compare.
 
         The stored bytes must equal what was written; the decoded picture must equal the
         encoder's own reconstruction bit for bit where the codec has one (the learned codecs,
         on the same device type). Classical codecs have no separate reconstruction: for them
-        the check is the byte comparison plus a clean decode to the right size. On a mismatch
-        the file is removed, so no row and no file outlives a bitstream that does not decode.
+        the check is the byte comparison plus a clean decode to the right size. Lossless codecs
+        must give the input back: the original file's SHA-256 where they restore it (JPEG →
+        JPEG XL → the same JPEG), else the very pixels. A container's alpha section must give the
+        alpha back exactly. On a mismatch the file is removed, so no row and no file outlives a
+        bitstream that does not decode.
         """
         codec = self.codec
         try:
             stored = fetch(self.out_fs, out_path)
             if stored != blob:
                 raise VerifyError(f"stored file is {len(stored)} bytes and differs from the {len(blob)} written")
-            # Byte-equal to what this codec just packed: its header names this codec, and the
+            # Byte-equal to what this codec just wrote: a header names this codec, and the
             # input already passed the pixel limit when it was read.
             try:
-                header, payload = check_container(stored, max_pixels=1 << 62)
-                decoded = decode_payload(codec, header, payload)
+                if self.capabilities.plain_file:
+                    payload = stored
+                    decoded = decode_plain(codec, payload, image.width, image.height, value)
+                    extras = stored_extras(codec, payload)
+                else:
+                    header, payload = check_container(stored, max_pixels=1 << 62)
+                    decoded = decode_payload(codec, header, payload)
+                    extras = stored_extras(codec, payload, header)
             except ItemError as e:
                 raise VerifyError(f"stored file does not decode: {e.message}") from None
+            self.verify_lossless(payload, decoded, extras, image)
             if self.capabilities.reconstruct:
                 expected = codec.reconstruct(prepared, value)
                 if not np.array_equal(decoded, expected):
@@ -251,3 +350,19 @@ class Compressor(ItemProcessor):
             except Exception:
                 pass
             raise
+
+    def verify_lossless(self, payload: bytes, decoded: np.ndarray, extras: Extras, image: DecodedImage) -> None:
+        """What a lossless output and a kept alpha must give back exactly."""
+        caps = self.capabilities
+        alpha = image.extras.alpha
+        if alpha is not None and (not caps.plain_file or caps.lossless):
+            if extras.alpha is None or not np.array_equal(extras.alpha, alpha):
+                raise VerifyError("stored alpha differs from the input's")
+        if not caps.lossless:
+            return
+        original = self.codec.original_of(payload) if caps.restores_original else None
+        if original is not None:
+            if hashlib.sha256(original).hexdigest() != image.sha256:
+                raise VerifyError("reconstructed original's SHA-256 differs from the input's")
+        elif not np.array_equal(decoded, image.pixels):
+            raise VerifyError("lossless output does not decode to the input's pixels")

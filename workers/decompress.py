@@ -1,17 +1,24 @@
-"""Decompress one container back to a PNG at the mirrored path."""
+"""Decompress one output back to a PNG at the mirrored path, with what travelled beside it.
+
+An output is an RFIC container (the learned codecs, and classical outputs written before plain
+files) or a plain file planned from the manifest (``StoredOutput``). The PNG carries the alpha,
+the ICC profile (iCCP), EXIF (eXIf) and XMP (iTXt ``XML:com.adobe.xmp``) that the output kept.
+An output that restores its original (jxl-lossless of a JPEG) gives back the original file.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from ratefit.codecs import container
-from ratefit.codecs.base import Codec, CodecError, payload_weights_sha256
+from ratefit.codecs.base import NO_EXTRAS, Codec, CodecError, Extras, capabilities_of, payload_weights_sha256
 from ratefit.codecs.registry import accepts_option
 from ratefit.workers.codec_loader import load_codec
 from ratefit.workers.items import Item
@@ -22,17 +29,40 @@ from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_bytes
 from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
 
 
-def restored_relpath(relpath: str) -> str:
-    """``a/b.jpg.avif.rfic`` → ``a/b.jpg.png``; ``a/b.png.webp.rfic`` → ``a/b.png``.
+def restored_relpath(relpath: str, original_file: bool = False) -> str:
+    """``a/b.jpg.avif.rfic`` and ``a/b.jpg.avif`` → ``a/b.jpg.png``; ``a/b.png.webp`` → ``a/b.png``.
 
     The container suffix and the codec's own suffix come off, giving the original
     relative path; a PNG keeps its name, anything else gets ``.png`` appended so two
-    inputs can never restore to the same file.
+    inputs can never restore to the same file. ``original_file``: the output restores the
+    input file itself (``a/b.jpg.jxl`` → ``a/b.jpg``).
     """
     stem = relpath[: -len(container.SUFFIX)] if relpath.endswith(container.SUFFIX) else relpath
     head, dot, _codec_ext = stem.rpartition(".")
     original = head if dot and "/" not in _codec_ext else stem
+    if original_file:
+        return original
     return original if original.lower().endswith(".png") else original + ".png"
+
+
+def png_bytes(pixels: np.ndarray, extras: Extras = NO_EXTRAS) -> bytes:
+    """A PNG of ``pixels`` carrying the alpha, ICC profile, EXIF and XMP of ``extras``."""
+    if extras.alpha is not None:
+        im = Image.fromarray(np.dstack([pixels, extras.alpha]), "RGBA")
+    else:
+        im = Image.fromarray(pixels, "RGB")
+    options: dict[str, Any] = {"compress_level": 3}
+    if extras.icc:
+        options["icc_profile"] = extras.icc
+    if extras.exif:
+        options["exif"] = extras.exif
+    if extras.xmp:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", extras.xmp.decode("utf-8", "replace"))
+        options["pnginfo"] = info
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", **options)
+    return buf.getvalue()
 
 
 @dataclass
@@ -43,6 +73,7 @@ class DecompressConfig:
     # --weights without --codec: for every codec in the containers that takes weights
     learned_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    item_timeout_s: float | None = 600.0  # --item-timeout: an item past it is an error row (processor.py)
 
 
 def check_container(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[container.Header, bytes]:
@@ -70,6 +101,25 @@ def decode_payload(codec: Codec, header: container.Header, payload: bytes) -> np
     return pixels
 
 
+def decode_plain(codec: Codec, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
+    """The picture of a plain-file output whose size the manifest gives (checked by the codec)."""
+    header = container.Header(codec=codec.name, weights_sha256=b"", value=value, width=width, height=height,
+                              mode="", payload_length=len(payload), crc32=0)
+    return decode_payload(codec, header, payload)
+
+
+def stored_extras(codec: Codec, payload: bytes, header: container.Header | None = None) -> Extras:
+    """What travelled beside the colour: a container's sections, or what a plain file embeds."""
+    try:
+        if header is not None:
+            return container.extras_of(header)
+        if capabilities_of(codec).embeds:
+            return codec.extras_of(payload)
+    except (container.ContainerError, CodecError) as e:
+        raise ItemError("decode", str(e)) from None
+    return NO_EXTRAS
+
+
 def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec],
                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[container.Header, np.ndarray]:
     """Check and decode one stored container; every failure is an ItemError at stage ``decode``.
@@ -91,17 +141,21 @@ class Decompressor(ItemProcessor):
         self._codecs: dict[str, Codec] = {}
 
     def codec_for(self, header: container.Header) -> Codec:
-        if header.codec not in self._codecs:
-            opts = self.config.codec_options.get(header.codec)
+        return self.load(header.codec)
+
+    def load(self, name: str) -> Codec:
+        """The codec a container's header or a manifest row names, loaded once per worker."""
+        if name not in self._codecs:
+            opts = self.config.codec_options.get(name)
             if opts is None:
-                opts = self.config.learned_options if accepts_option(header.codec, "weights") else {}
+                opts = self.config.learned_options if accepts_option(name, "weights") else {}
             try:
-                self._codecs[header.codec] = load_codec(header.codec, **opts)
+                self._codecs[name] = load_codec(name, **opts)
             except KeyError as e:
-                raise ItemError("decode", f"unknown codec {header.codec!r} in container ({e.args[0]})") from None
+                raise ItemError("decode", f"unknown codec {name!r} ({e.args[0]})") from None
             except (CodecError, ValueError) as e:   # e.g. weights missing or not fitting the model
-                raise ItemError("decode", f"cannot load codec {header.codec}: {e}") from None
-        return self._codecs[header.codec]
+                raise ItemError("decode", f"cannot load codec {name}: {e}") from None
+        return self._codecs[name]
 
     @staticmethod
     def check_weights(codec: Codec, header: container.Header, payload: bytes) -> None:
@@ -124,23 +178,49 @@ class Decompressor(ItemProcessor):
                                     max(header.width, header.height), what)
         return header, pixels
 
+    def decode_stored(self, data: bytes, item: Item) -> tuple[Codec, np.ndarray | None, Extras, bytes | None]:
+        """A plain-file output: (codec, pixels, extras, original file or None), checked against its row."""
+        stored = item.stored
+        if stored.sha256 and hashlib.sha256(data).hexdigest() != stored.sha256:
+            raise ItemError("decode", f"checksum mismatch: {len(data)} B file is not the output its manifest "
+                                      "row names (changed or corrupt)")
+        if not stored.width or not stored.height:
+            raise ItemError("decode", "the manifest row gives no image size")
+        if stored.width * stored.height > self.config.max_pixels:
+            raise ItemError("decode", f"manifest row says {stored.width}x{stored.height} = "
+                                      f"{stored.width * stored.height} pixels, over the limit of "
+                                      f"{self.config.max_pixels} (raise --max-pixels to allow it)")
+        codec = self.load(stored.codec)
+        original = codec.original_of(data) if capabilities_of(codec).restores_original else None
+        if original is not None:
+            return codec, None, NO_EXTRAS, original
+        pixels = decode_plain(codec, data, stored.width, stored.height, stored.value or 0.0)
+        return codec, pixels, stored_extras(codec, data), None
+
     def process(self, item: Item, row: dict[str, Any], stages: list[str]) -> None:
-        try:
-            out_path = safe_join(self.out_root, restored_relpath(item.relpath))
-        except ValueError as e:
-            raise ItemError("plan", str(e)) from None
-        row["output_uri"] = redact(full_url(self.out_fs, out_path))
         stages.append("read")
         in_fs, in_path = open_fs(item.uri, self.config.storage_options)
         data = read_bytes(in_fs, in_path)
         row["input_bytes"] = len(data)
         stages.append("decode")
         t0 = time.perf_counter()
-        header, pixels = self.decode(data, item.uri)
-        row["codec"] = header.codec
+        original = None
+        if item.stored is not None:
+            codec, pixels, extras, original = self.decode_stored(data, item)
+            row["codec"] = codec.name
+            if pixels is not None:
+                row.update(width=pixels.shape[1], height=pixels.shape[0])
+        else:
+            header, pixels = self.decode(data, item.uri)
+            extras = stored_extras(self.codec_for(header), data, header)
+            row.update(codec=header.codec, width=header.width, height=header.height)
         row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
+        try:
+            out_path = safe_join(self.out_root, restored_relpath(item.relpath, original_file=original is not None))
+        except ValueError as e:
+            raise ItemError("plan", str(e)) from None
+        row["output_uri"] = redact(full_url(self.out_fs, out_path))
         stages.append("write")
-        buf = io.BytesIO()
-        Image.fromarray(pixels, "RGB").save(buf, format="PNG", compress_level=3)
-        atomic_write(self.out_fs, out_path, buf.getvalue())
-        row.update(status="ok", width=header.width, height=header.height, output_bytes=buf.tell())
+        out = original if original is not None else png_bytes(pixels, extras)
+        atomic_write(self.out_fs, out_path, out)
+        row.update(status="ok", output_bytes=len(out))

@@ -8,6 +8,18 @@ from ratefit.codecs.rate import Target
 
 
 @dataclass(frozen=True)
+class StoredOutput:
+    """A plain-file output (``a/b.png.avif``) as its manifest row describes it: there is no
+    container header, so the row says which codec wrote it, its checksum and its size."""
+
+    codec: str
+    sha256: str | None = None
+    width: int | None = None
+    height: int | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True)
 class Item:
     uri: str                      # where to read the input (fsspec URL or local path)
     relpath: str                  # path under OUTPUT that the result mirrors
@@ -16,6 +28,7 @@ class Item:
     qmap_uri: str | None = None   # a listing's quality map for this item (spatial codecs)
     size: int | None = None       # the input's size and version when planned (folder walks give
     version: str | None = None    # them for free; incremental runs compare them with the manifest)
+    stored: StoredOutput | None = None   # decompress jobs: a plain-file output planned from the manifest
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,23 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     # without a rate model), and the input's frames (an animation is coded as its first frame).
     ("estimates", pa.int32()),
     ("frames", pa.int32()),
+    # Archive fidelity: what travelled beside the pixels (the ICC profile, EXIF and XMP sizes in
+    # bytes, 0 when the input had none or --strip-metadata dropped it), whether the input had a
+    # (non-opaque) alpha and whether the output lost it (JPEG has none).
+    ("has_icc", pa.bool_()),
+    ("exif_bytes", pa.int32()),
+    ("xmp_bytes", pa.int32()),
+    ("has_alpha", pa.bool_()),
+    ("alpha_dropped", pa.bool_()),
+    # Checksums (SHA-256, hex) of the input file and of the stored output: a plain-file output
+    # (jpeg, webp, avif, jxl) has no container header, so its row is what names it; and whether
+    # decompressing restores the input file byte for byte (jxl-lossless of a JPEG).
+    ("input_sha256", pa.string()),
+    ("output_sha256", pa.string()),
+    ("exact_original", pa.bool_()),
+    # A ``skipped`` item (the result was not smaller than the input, --min-savings): the size
+    # the result would have had. No output object exists for it.
+    ("candidate_bytes", pa.int64()),
 ])
 STAGE_COLUMNS = ("read_ms", "analysis_ms", "refine_ms", "search_ms", "entropy_ms", "write_ms", "metrics_ms")
 
@@ -329,6 +346,8 @@ def part_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         # what ok rows saved: input bytes minus the stored file's
         "saved_bytes": sum((r.get("input_bytes") or 0) - (r.get("output_bytes") or 0)
                            for r in rows if r.get("status") == "ok"),
+        # skipped items (kept as they are): what their results would have cost
+        "skipped_candidate_bytes": sum(r.get("candidate_bytes") or 0 for r in rows if r.get("status") == "skipped"),
     }
     for name in ("bpp", "psnr", "ms_ssim"):
         finite = [v for v in column(name) if v is not None and math.isfinite(v)]

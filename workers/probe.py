@@ -34,6 +34,7 @@ class ProbeConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = DEFAULT_MAX_PIXELS
     manifest_dir: str = PROBES_DIR
+    item_timeout_s: float | None = 600.0  # --item-timeout: an item past it is an error row (processor.py)
 
 
 class Prober(ItemProcessor):

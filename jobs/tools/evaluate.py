@@ -40,6 +40,7 @@ DEFAULT_VALUES = {
     "jpeg": [10, 25, 40, 55, 70, 85, 92],
     "webp": [5, 20, 40, 60, 75, 88, 95],
     "avif": [20, 35, 50, 60, 70, 80, 88],
+    "jxl": [20, 40, 55, 70, 80, 88, 94],
 }
 CONTINUOUS_POINTS = 8
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
@@ -81,8 +82,8 @@ def _evaluate_image(path: str, plan: dict[str, list[float]], refine_steps: int =
                 coded = codec.refine(prepared, image, value, steps) if steps else prepared
                 payload = codec.encode(coded, value)
                 enc_s = time.perf_counter() - t0
-                blob = container.pack(name, payload, value=value, width=w, height=h,
-                                      weights_sha256=payload_weights_sha256(codec, payload))
+                blob = payload if capabilities_of(codec).plain_file else container.pack(
+                    name, payload, value=value, width=w, height=h, weights_sha256=payload_weights_sha256(codec, payload))
                 t0 = time.perf_counter()
                 restored = codec.decode(payload, w, h, value)
                 dec_s = time.perf_counter() - t0
@@ -96,6 +97,8 @@ def _evaluate_image(path: str, plan: dict[str, list[float]], refine_steps: int =
 def values_for(name: str, codec: Any, override: dict[str, list[float]]) -> list[float]:
     if name in override:
         return override[name]
+    if capabilities_of(codec).lossless:   # one point: its rate (PSNR inf)
+        return [float(codec.control.low)]
     if name in DEFAULT_VALUES:
         return [float(v) for v in DEFAULT_VALUES[name]]
     c = codec.control
@@ -148,6 +151,9 @@ def plot(points: dict[str, list[dict[str, float]]], path: Path, title: str) -> N
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for name, pts in points.items():
+        pts = [p for p in pts if math.isfinite(p["psnr"])]   # a lossless codec's one point has no PSNR to plot
+        if not pts:
+            continue
         bpp = [p["bpp"] for p in pts]
         axes[0].plot(bpp, [p["psnr"] for p in pts], marker="o", label=name)
         axes[1].plot(bpp, [p["ms_ssim"] for p in pts], marker="o", label=name)

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-TARGETS = ("container", "gain-hyperprior", "gain-hyperprior-roi", "jpeg", "webp", "avif")
+TARGETS = ("container", "gain-hyperprior", "gain-hyperprior-roi", "jpeg", "webp", "avif", "jxl", "jxl-lossless")
 _LEARNED = ("gain-hyperprior", "gain-hyperprior-roi")
 _SIZES = ((96, 64), (200, 150), (64, 257))
 DEFAULT_SECONDS = 300.0
+_EXIF = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x01\x00\x12\x01\x03\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00"
 
 
 # ---------------------------------------------------------------------------- cases
@@ -51,8 +52,10 @@ def _seeds(names: tuple[str, ...] = TARGETS[1:]) -> dict[str, list[bytes]]:
     target's cases use only its own codecs' seeds, so building fewer leaves them unchanged)."""
     from PIL import Image
 
+    import io
+
     from ratefit.codecs import container
-    from ratefit.codecs.base import capabilities_of
+    from ratefit.codecs.base import Extras, capabilities_of
     from ratefit.codecs.qmap import center_map
     from ratefit.jobs.tools.demo import SAMPLES
 
@@ -64,7 +67,16 @@ def _seeds(names: tuple[str, ...] = TARGETS[1:]) -> dict[str, list[bytes]]:
         seeds[name] = []
         for (w, h), v in zip(_SIZES, values):
             img = np.asarray(photo.resize((w, h)))
-            prepared = codec.prepare(img, center_map(h, w)) if capabilities_of(codec).spatial else codec.prepare(img)
+            caps = capabilities_of(codec)
+            if caps.restores_original and v == values[1]:   # a JPEG to transcode (its metadata inside)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, "JPEG", quality=85)
+                prepared = codec.prepare(img, extras=Extras(source=buf.getvalue(), source_format="JPEG"))
+            elif caps.embeds:   # alpha and metadata in the file, for extras_of to parse
+                alpha = np.linspace(0, 255, w * h).astype(np.uint8).reshape(h, w)
+                prepared = codec.prepare(img, extras=Extras(alpha=alpha, exif=_EXIF, xmp=b"<x:xmpmeta/>"))
+            else:
+                prepared = codec.prepare(img, center_map(h, w)) if caps.spatial else codec.prepare(img)
             payload = codec.encode(prepared, v)
             seeds[name].append(container.pack(name, payload, value=v, width=w, height=h,
                                               weights_sha256=codec.weights_sha256))
@@ -120,7 +132,9 @@ def _child(target: str, seed: int, start: int, seconds: float | None, progress_p
            stop: int | None = None) -> int:
     """Run cases from ``start`` for ``seconds`` after setting up (no limit: None), and only up
     to case ``stop`` (excluded) when given; write the index before each case."""
-    from ratefit.workers.decompress import decode_container
+    from ratefit.codecs import container
+    from ratefit.codecs.base import CodecError, capabilities_of
+    from ratefit.workers.decompress import decode_container, stored_extras
     from ratefit.workers.read import ItemError
 
     seeds = _seeds(_codecs_of(target))
@@ -145,6 +159,16 @@ def _child(target: str, seed: int, start: int, seconds: float | None, progress_p
         t0 = time.perf_counter()
         try:
             decode_container(data, codec_for, max_pixels=4_000_000)
+            # what a decompress job reads beside the picture: the sections or the file's own
+            # metadata and alpha, and a restored original
+            header, payload = container.unpack(data)
+            codec = codec_for(header)
+            stored_extras(codec, payload, None if capabilities_of(codec).plain_file else header)
+            if capabilities_of(codec).restores_original:
+                try:
+                    codec.original_of(payload)
+                except CodecError as e:
+                    raise ItemError("decode", str(e)) from None
             counts["decoded"] += 1
         except ItemError:
             counts["rejected"] += 1
