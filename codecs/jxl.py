@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ratefit.codecs.base import NO_EXTRAS, Capabilities, CodecError, ControlRange, Extras
-from ratefit.codecs.pillow import EXIF_PREFIX, _checked_alpha, exif_with_prefix, opaque_to_none, xmp_bytes
+from ratefit.codecs.pillow import EXIF_PREFIX, _checked_alpha, exif_orientation_1, exif_with_prefix, opaque_to_none, xmp_bytes
 
 DEFAULT_EFFORT = 7
 # Lossless JPEG transcoding of the 24 Kodak photos saved by Pillow at quality 90 (2 CPU cores):
@@ -214,31 +214,6 @@ def _metadata_of(boxes: list[Any]) -> tuple[bytes | None, bytes | None]:
     return exif, xmp
 
 
-def exif_orientation_1(exif: bytes | None) -> bytes | None:
-    """EXIF with its orientation set to 1 in place, every other byte kept (as the worker's
-    reader does): the picture ``decode`` gives is already turned as the orientation said."""
-    if not exif:
-        return None
-    data = bytearray(exif_with_prefix(exif))
-    tiff = len(EXIF_PREFIX)
-    order = bytes(data[tiff:tiff + 2])
-    if order not in (b"II", b"MM"):
-        return bytes(data)
-    end = "<" if order == b"II" else ">"
-    try:
-        (ifd,) = struct.unpack_from(end + "I", data, tiff + 4)
-        (count,) = struct.unpack_from(end + "H", data, tiff + ifd)
-        for i in range(count):
-            at = tiff + ifd + 2 + 12 * i
-            tag, kind, n = struct.unpack_from(end + "HHI", data, at)
-            if tag == 0x0112 and kind == 3 and n == 1:
-                struct.pack_into(end + "H", data, at + 8, 1)
-                break
-    except struct.error:
-        pass
-    return bytes(data)
-
-
 def _open_jpeg(name: str, jpeg: bytes) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # callers check the size
@@ -364,6 +339,11 @@ class JxlCodec:
     def prepare(self, image: np.ndarray, extras: Extras = NO_EXTRAS) -> JxlPrepared:
         return _prepare_pixels(self.name, image, extras, self.embeds)
 
+    @property
+    def transcodes(self) -> bool:
+        """Whether its payloads may be lossless JPEG transcodes (whose size libjxl may turn)."""
+        return self.capabilities.restores_original
+
     def estimate(self, prepared: JxlPrepared, value: float) -> float | None:
         return None
 
@@ -394,8 +374,11 @@ class JxlCodec:
 
     def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
         """The picture, RGB uint8 HxWx3 (an RGBA file's colour channels, not composited)."""
-        is_jpeg, info, data, _icc, _boxes = self._decoded(payload, width, height)
-        if is_jpeg:   # a lossless transcode under this codec's name: its picture all the same
+        # libjxl turns a transcode's size by the JPEG's EXIF orientation (jxl-lossless): either way
+        # round is bounded by the expected size, and the picture's own size is checked after.
+        is_jpeg, info, data, _icc, _boxes = self._decoded(payload, width, height, either_way=self.transcodes)
+        if is_jpeg:   # a lossless transcode (also under this codec's name): the JPEG's picture, as
+            # the worker read the input (EXIF orientation applied, grey as RGB)
             return _jpeg_picture(self.name, data, width, height)
         rgb, _ = _samples(self.name, info, data)
         if rgb.shape[:2] != (height, width):
@@ -481,19 +464,6 @@ class JxlLosslessCodec(JxlCodec):
                                                   Decoder(num_threads=self.num_threads), payload)
         return bytes(data) if is_jpeg else None
 
-    def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
-        """The picture; a transcoded JPEG's as the worker read the input (EXIF orientation
-        applied, grey as RGB), so a pixel comparison holds either way."""
-        # libjxl turns a transcode's size by the JPEG's EXIF orientation; either way round is
-        # bounded by the expected size, and the picture's own size is checked after decoding.
-        is_jpeg, info, data, _icc, _boxes = self._decoded(payload, width, height, either_way=True)
-        if is_jpeg:
-            return _jpeg_picture(self.name, data, width, height)
-        rgb, _ = _samples(self.name, info, data)
-        if rgb.shape[:2] != (height, width):
-            raise CodecError(f"{self.name} payload decoded to {rgb.shape[1]}x{rgb.shape[0]}, "
-                             f"expected {width}x{height}")
-        return rgb
 
 
 def jxl(effort: int = DEFAULT_EFFORT, decoding_speed: int = 0, num_threads: int = -1) -> JxlCodec:

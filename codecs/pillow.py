@@ -23,6 +23,7 @@ the file bytes either way.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,6 +194,33 @@ def exif_with_prefix(exif: bytes | None) -> bytes | None:
         return None
     exif = bytes(exif)
     return exif if exif.startswith(EXIF_PREFIX) else EXIF_PREFIX + exif
+
+
+def exif_orientation_1(exif: bytes | None) -> bytes | None:
+    """EXIF with its orientation set to 1 in place, every other byte kept (patching the one value
+    keeps maker notes and offsets intact, which re-serialising the tags would not): the pixels
+    it goes with are already turned as the orientation said. The one implementation: the
+    worker's reader and the JPEG XL codecs use it."""
+    if not exif:
+        return None
+    data = bytearray(exif_with_prefix(exif))
+    tiff = len(EXIF_PREFIX)
+    order = bytes(data[tiff:tiff + 2])
+    if order not in (b"II", b"MM"):
+        return bytes(data)
+    end = "<" if order == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(end + "I", data, tiff + 4)
+        (count,) = struct.unpack_from(end + "H", data, tiff + ifd)
+        for i in range(count):
+            at = tiff + ifd + 2 + 12 * i
+            tag, kind, n = struct.unpack_from(end + "HHI", data, at)
+            if tag == 0x0112 and kind == 3 and n == 1:
+                struct.pack_into(end + "H", data, at + 8, 1)
+                break
+    except struct.error:
+        pass
+    return bytes(data)
 
 
 def xmp_bytes(xmp: bytes | str | None) -> bytes | None:

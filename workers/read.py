@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import struct
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,12 +27,11 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ratefit.codecs.base import NO_EXTRAS, Extras
+from ratefit.codecs.pillow import exif_orientation_1
 from ratefit.workers.storage import StorageUnavailable, fetch, open_fs
 
 DEFAULT_MAX_PIXELS = 100_000_000
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
-_ORIENTATION = 0x0112
-EXIF_PREFIX = b"Exif\x00\x00"
 
 
 class ItemError(Exception):
@@ -147,35 +145,6 @@ def _colour(im: Image.Image, icc: bytes | None, keep_icc: bool) -> tuple[np.ndar
         return np.ascontiguousarray(rgb), None
 
 
-def normalise_exif(raw: bytes | None) -> bytes | None:
-    """EXIF as ``Exif\\0\\0`` + TIFF, with the orientation set to 1 in place (every other byte kept).
-
-    The pixels are already rotated as the orientation said, so a viewer must not rotate them
-    again; patching the one value keeps maker notes and offsets intact, which re-serialising
-    the tags would not. Returns None for an empty or unparseable block.
-    """
-    if not raw:
-        return None
-    data = bytearray(raw if raw.startswith(EXIF_PREFIX) else EXIF_PREFIX + raw)
-    tiff = len(EXIF_PREFIX)
-    order = bytes(data[tiff:tiff + 2])
-    if order not in (b"II", b"MM"):
-        return None
-    end = "<" if order == b"II" else ">"
-    try:
-        (ifd,) = struct.unpack_from(end + "I", data, tiff + 4)
-        (count,) = struct.unpack_from(end + "H", data, tiff + ifd)
-        for i in range(count):
-            at = tiff + ifd + 2 + 12 * i
-            tag, kind, n = struct.unpack_from(end + "HHI", data, at)
-            if tag == _ORIENTATION and kind == 3 and n == 1:
-                struct.pack_into(end + "H", data, at + 8, 1)
-                break
-    except struct.error:
-        pass   # a truncated IFD: keep the block as it is
-    return bytes(data)
-
-
 def _xmp_of(im: Image.Image) -> bytes | None:
     xmp = im.info.get("xmp") or im.info.get("XML:com.adobe.xmp")
     if isinstance(xmp, str):
@@ -227,7 +196,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, keep_icc:
             except Exception as e:
                 raise ItemError("decode", f"{im.format or 'image'} data is corrupt or truncated: {e}") from None
             icc = im.info.get("icc_profile") or None
-            exif = normalise_exif(im.info.get("exif")) if keep_metadata else None
+            exif = exif_orientation_1(im.info.get("exif")) if keep_metadata else None
             xmp = _xmp_of(im) if keep_metadata else None
             try:
                 oriented = ImageOps.exif_transpose(im)
