@@ -287,8 +287,9 @@ from ratefit.workers.items import Item
 tile = int(sys.argv[2])
 c = Compressor(CompressConfig(output=sys.argv[3], codec="gain-hyperprior", target=Target("bpp", 0.5),
                               codec_options={"device": "cpu", "tile": tile}, ms_ssim=False, verify=True))
+loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 row = c(Item(uri=sys.argv[1], relpath="big.png"), 0, 1)
-print(row["status"], row["error"], row["width"], row["height"], row["bpp"],
+print(row["status"], row["error"], row["width"], row["height"], row["bpp"], loaded,
       resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
 """
 
@@ -296,17 +297,20 @@ print(row["status"], row["error"], row["width"], row["height"], row["bpp"],
 @pytest.mark.slow
 def test_a_12_megapixel_photo_compresses_with_bounded_memory(tmp_path, samples_dir):
     """4000x3000 from the sample photos, through the learned codec with --verify, in a fresh
-    process whose peak memory is measured. With 1024 px tiles it peaked at 2.3 GB on the
-    2-core development machine (2026-11-27); with tiles off (tile 0) at 7.5 GB, which is
-    what the 3.2 GB bound guards against."""
-    check_big_photo_compresses_with_bounded_memory(tmp_path, samples_dir, 4000, 3000, tile=1024, bound_mb=3200)
+    process whose memory is measured over what the loaded codec already holds. With 1024 px
+    tiles it peaked at 2.3 GB on the 2-core development machine (2026-11-27), about 1.3 GB over
+    the loaded codec; with tiles off (tile 0) at 7.5 GB (6.5 GB over), which the 2.2 GB bound
+    guards against."""
+    check_big_photo_compresses_with_bounded_memory(tmp_path, samples_dir, 4000, 3000, tile=1024, bound_mb=2200)
 
 
 def test_a_3_megapixel_photo_compresses_with_bounded_memory(tmp_path, samples_dir):
     """The 12 MP run's sibling in ``make test``: 2000x1500 over 512 px tiles (the same number of
-    tiles across), the same assertions. Peaks on the 2-core machine (2026-12-02): 1.7 GB with
-    512 px tiles, 2.9 GB with tiles off, which the 2.4 GB bound guards against."""
-    check_big_photo_compresses_with_bounded_memory(tmp_path, samples_dir, 2000, 1500, tile=512, bound_mb=2400)
+    tiles across), the same assertions. On the 2-core machine (2026-12-03) the item took 0.54 GB
+    over the 1.04 GB of the loaded codec with 512 px tiles and 1.95 GB with tiles off, which the
+    1.1 GB bound guards against. (The whole peak was 1.7 GB here and 2.5 GB in CI: the fixed part
+    differs between machines, so the bound holds the item's own growth.)"""
+    check_big_photo_compresses_with_bounded_memory(tmp_path, samples_dir, 2000, 1500, tile=512, bound_mb=1100)
 
 
 def check_big_photo_compresses_with_bounded_memory(tmp_path, samples_dir, width: int, height: int, tile: int,
@@ -323,6 +327,9 @@ def check_big_photo_compresses_with_bounded_memory(tmp_path, samples_dir, width:
     out = subprocess.run([sys.executable, "-c", _BIG_JOB, str(src), str(tile), str(tmp_path / "out")],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    status, error, w, h, bpp, peak_mb = out.stdout.split()[-6:]
+    status, error, w, h, bpp, loaded_mb, peak_mb = out.stdout.split()[-7:]
     assert status == "ok" and (w, h) == (str(width), str(height)) and float(bpp) <= 0.5, out.stdout
-    assert int(peak_mb) < bound_mb, f"peak {peak_mb} MB"
+    # What the item itself took, over the process with its libraries and codec loaded: that fixed
+    # part differs between machines (the same test peaked 1.7 GB here and 2.5 GB in CI).
+    grew = int(peak_mb) - int(loaded_mb)
+    assert grew < bound_mb, f"the item took {grew} MB over the {loaded_mb} MB of the loaded codec"
