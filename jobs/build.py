@@ -97,7 +97,8 @@ def compress_config(spec: JobSpec, manifest_dir: str = MANIFEST_DIR, run_id: str
                           max_pixels=spec.max_pixels, ms_ssim=spec.ms_ssim, verify=spec.verify, qmap=spec.qmap,
                           refine_steps=spec.refine_steps, manifest_dir=manifest_dir, run_id=run_id,
                           strip_metadata=spec.strip_metadata, srgb=spec.srgb, min_savings=spec.min_savings,
-                          retire=spec.retire_originals, retire_to=spec.retire_to, item_timeout_s=spec.item_timeout_s)
+                          retire=spec.retire_originals, retire_to=spec.retire_to, item_timeout_s=spec.item_timeout_s,
+                          layout=spec.layout)
 
 
 def build_pass(spec: JobSpec, name: str, run_id: str | None = None) -> Pass:

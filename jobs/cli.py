@@ -116,6 +116,10 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-savings", type=float,
                    help="keep an input as it is (status skipped, no output, never retired) unless its result is at "
                         "least this fraction smaller (default 0: strictly smaller)")
+    p.add_argument("--layout", choices=["files", "webdataset"],
+                   help="files (default): one output object per image, OUTPUT/<path>.<ext>; webdataset: one tar "
+                        "per shard, OUTPUT/shards/<run>/shard-NNNNN.tar, each image a member the manifest locates "
+                        "(shard_uri, offset, length)")
     p.add_argument("--extensions", help="comma-separated input extensions (default: common image formats)")
     p.add_argument("--max-pixels", type=int, help="refuse inputs above this many pixels (checked before decoding)")
     p.add_argument("--no-ms-ssim", dest="ms_ssim", action="store_false", default=None,
@@ -131,7 +135,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "strip_metadata", "srgb", "min_savings", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "item_timeout_s", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "strip_metadata", "srgb", "min_savings", "layout", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "item_timeout_s", "address", "workers", "shard_size", "storage_options",
                 "overwrite", "progress", "in_process")
 
 

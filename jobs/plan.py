@@ -104,33 +104,36 @@ def iter_folder(input_url: str, extensions: Iterable[str], storage_options: dict
 
 
 def iter_stored_outputs(input_url: str, storage_options: dict[str, Any] | None = None) -> Iterator[Item]:
-    """The plain-file outputs (``a/b.png.avif``) a compress job's manifest under INPUT names
-    (rows ``ok`` or ``unreachable``: both stored their result).
+    """The outputs a compress job's manifest under INPUT names that the folder walk cannot find:
+    plain files (``a/b.png.avif``) and members of tar shards (``--layout webdataset``, any
+    codec); rows ``ok`` or ``unreachable`` (both stored their result).
 
-    They have no container header, so the manifest is what says which files are ratefit
-    outputs, which codec wrote each and its checksum. RFIC containers are found by the folder
-    walk instead; a folder without a manifest has no plain outputs to plan.
+    They have no container header or no file of their own, so the manifest is what says which
+    objects are ratefit outputs, which codec wrote each, its checksum and, for a tar member, its
+    bytes in the tar. Loose RFIC containers are found by the folder walk instead; a folder
+    without a manifest has no such outputs to plan.
     """
     from ratefit.workers.manifest import current_state
 
     fs, root = open_fs(input_url, storage_options)
     state = current_state(fs, root, ["status", "output_uri", "codec", "output_sha256", "width", "height",
-                                     "rate_param"])
+                                     "rate_param", "key", "shard_uri", "offset", "length"])
     rows = [r for r in state.to_pylist()
-            if r["status"] in ("ok", "unreachable") and r["output_uri"] and not r["output_uri"].endswith(".rfic")]
+            if r["status"] in ("ok", "unreachable") and r["output_uri"]
+            and (r["shard_uri"] or not r["output_uri"].endswith(".rfic"))]
     base = root.replace(os.sep, "/").rstrip("/") + "/"
     items = []
     for r in rows:
         path = fs._strip_protocol(r["output_uri"]).replace(os.sep, "/")
-        stored = StoredOutput(codec=r["codec"], sha256=r["output_sha256"], width=r["width"], height=r["height"],
-                              value=r["rate_param"])
+        stored = StoredOutput.of_row(r)
+        relpath = r["key"] if r["shard_uri"] and r["key"] else path[len(base):]
         if not path.startswith(base):
             items.append(Item(uri=r["output_uri"], relpath=posixpath.basename(path), stored=stored,
                               error=f"manifest row names {r['output_uri']}, which is not under {input_url} "
                                     "(the folder was moved: decompress it where it was written)"))
             continue
         uri = path if is_local(fs) else fs.unstrip_protocol(path)
-        items.append(Item(uri=uri, relpath=path[len(base):], stored=stored))
+        items.append(Item(uri=uri, relpath=relpath, stored=stored))
     yield from sorted(items, key=lambda i: i.relpath)
 
 

@@ -101,9 +101,11 @@ def _qmap_example(fs, rows: dict[str, list], summary: dict[str, Any],
 
     from ratefit.jobs.spec import weights_options
     from ratefit.workers.codec_loader import load_codec
-    from ratefit.workers.decompress import check_container, decode_payload
+    from ratefit.workers.decompress import check_container, decode_payload, read_stored
+    from ratefit.workers.items import StoredOutput
 
-    blob = fs.cat_file(rows["output_uri"][i])
+    row = {k: v[i] for k, v in rows.items()}
+    blob = read_stored(fs, fs._strip_protocol(row["output_uri"]), StoredOutput.of_row(row))
     header, payload = check_container(blob, max_pixels=1 << 62)
     codec = load_codec(header.codec, **weights_options({}, summary["spec"].get("weights"), storage_options or {}))
     pixels = decode_payload(codec, header, payload)

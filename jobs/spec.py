@@ -20,6 +20,7 @@ import fsspec
 import yaml
 
 from ratefit.codecs.rate import Target
+from ratefit.workers.layout import LAYOUTS
 from ratefit.workers.read import DEFAULT_MAX_PIXELS
 from ratefit.workers.storage import redact, redact_options
 
@@ -75,6 +76,7 @@ class JobSpec:
     strip_metadata: bool = False        # drop EXIF, XMP and the ICC profile (pixels converted to sRGB first)
     srgb: bool = False                  # convert pixels to sRGB through their ICC profile, then drop it
     min_savings: float = 0.0            # keep an input as it is unless its result is this fraction smaller
+    layout: str = "files"               # "files": one object per output; "webdataset": one tar per shard
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     shard_size: int = 16
     workers: int | None = None         # actors; default: one per CPU (or per GPU for GPU codecs)
@@ -139,6 +141,12 @@ class JobSpec:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
             raise SpecError(f"min_savings: must be a fraction within [0, 1) (0.1 = at least 10% smaller), got {v!r}")
         self.min_savings = float(v)
+        if self.layout not in LAYOUTS:
+            raise SpecError(f"layout: must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.layout != "files" and (self.kind != "compress" or budgets):
+            raise SpecError(f"layout {self.layout}: compress jobs with a per-item target only (a budget job's "
+                            "correction pass rewrites outputs, which tar shards do not allow yet; a decompress "
+                            "job writes PNG files)")
         if self.kind == "compress" and not given and not budgets and not self.is_listing and not lossless:
             raise SpecError("no target: give --target-bpp, --target-bytes or --target-psnr, a budget "
                             "(--budget-bytes, --budget-bpp), or a listing file with per-item target_* columns")

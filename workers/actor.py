@@ -1,7 +1,7 @@
 """The Ray actor that processes shards: one loaded codec per actor, one shard per call.
 
-Per shard: every item's bitstream is written first, then the shard's manifest part, which
-commits the shard. The actor is a plain class here; the runner wraps it with
+Per shard: every item's bitstream is written first (with ``--layout webdataset``, the shard's
+tar, whole), then the shard's manifest part, which commits the shard. The actor is a plain class here; the runner wraps it with
 ``ray.remote`` and the resources it needs (a GPU when the codec wants one and the cluster
 has them).
 
@@ -28,14 +28,16 @@ class ShardWorker:
         if storage_retry_s is not None:
             set_retry_window(storage_retry_s)
         self.config = config
+        self.layout = None   # compress: where outputs go, kept across a replaced processor
         self.processor = self._new_processor()
+        self.layout = getattr(self.processor, "layout", None)
         self.replace_actor = False   # an item hung here: its thread lives on until the process ends
         self.manifest_root = f"{self.processor.out_root}/{getattr(config, 'manifest_dir', MANIFEST_DIR)}"
 
     def _new_processor(self) -> Compressor | Decompressor | Prober:
         config = self.config
         if isinstance(config, CompressConfig):
-            return Compressor(config)
+            return Compressor(config, layout=self.layout)
         if isinstance(config, ProbeConfig):
             return Prober(config)
         return Decompressor(config)
@@ -57,7 +59,11 @@ class ShardWorker:
         fs = self.processor.out_fs
         rows = committed_rows(fs, self.manifest_root, shard.index) if attempt > 1 else None
         if rows is None:
+            if self.layout is not None:
+                self.layout.begin(shard.index)
             rows = self._process_items(shard, attempt)
+            if self.layout is not None:   # a tar shard is written whole before the part commits it
+                self.layout.commit(shard.index, rows, verify=self.config.verify)
             write_part(fs, self.manifest_root, shard.index, rows, self.processor.schema)
         stats = part_stats(rows)
         config = self.processor.config

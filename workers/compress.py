@@ -24,12 +24,12 @@ from ratefit.codecs.rate import Outcome, Target, aim, search
 from ratefit.workers.codec_loader import load_codec
 from ratefit.workers.decompress import check_container, decode_payload, decode_plain, stored_extras
 from ratefit.workers.items import Item
+from ratefit.workers.layout import FileLayout, make_layout
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR
 from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.processor import ItemProcessor
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image, read_quality_map
-from ratefit.workers.storage import (atomic_write, fetch, full_url, open_fs, redact, safe_join,
-                                     stat_input)
+from ratefit.workers.storage import open_fs, stat_input
 
 
 @dataclass
@@ -52,6 +52,7 @@ class CompressConfig:
     srgb: bool = False                  # --srgb: pixels converted to sRGB through their profile, which is dropped
     min_savings: float = 0.0            # --min-savings: a result must be this fraction smaller than its input
     item_timeout_s: float | None = 600.0  # --item-timeout: an item past it is an error row (processor.py)
+    layout: str = "files"               # --layout: one file per output, or webdataset tar shards (layout.py)
 
 
 class TimedCodec:
@@ -108,7 +109,9 @@ class Compressor(ItemProcessor):
 
     schema = COMPRESS_SCHEMA
 
-    def __init__(self, config: CompressConfig):
+    def __init__(self, config: CompressConfig, layout: FileLayout | None = None):
+        """``layout``: where outputs go; the shard worker passes its own, which outlives a
+        processor replaced after a timeout (a tar shard's members are held there)."""
         self.config = config
         self.codec = load_codec(config.codec, **config.codec_options)
         self.capabilities = capabilities_of(self.codec)
@@ -124,13 +127,11 @@ class Compressor(ItemProcessor):
         # a plain file what its format embeds.
         self.keeps = caps.embeds if caps.plain_file else EMBEDDABLE
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
-
-    def output_relpath(self, item: Item) -> str:
-        return f"{item.relpath}.{self.codec.extension}"
+        self.layout = layout or make_layout(config.layout, self.out_fs, self.out_root, config.run_id)
 
     def start_row(self, item: Item, row: dict[str, Any]) -> None:
         target = item.target or self.config.target
-        row.update(codec=self.codec.name, run_id=self.config.run_id,
+        row.update(codec=self.codec.name, run_id=self.config.run_id, key=item.relpath,
                    source_version=item.version, input_bytes=item.size,   # as planned, until read
                    target_kind=target.kind if target else None, target_value=target.value if target else None)
 
@@ -143,10 +144,9 @@ class Compressor(ItemProcessor):
         codec = self.codec
         target = item.target or self.config.target
         try:
-            out_path = safe_join(self.out_root, self.output_relpath(item))
+            row["output_uri"] = self.layout.uri(item.relpath, codec.extension)
         except ValueError as e:
             raise ItemError("plan", str(e)) from None
-        row["output_uri"] = redact(full_url(self.out_fs, out_path))
         lossless = self.capabilities.lossless
         if target is None and not lossless:
             raise ItemError("plan", "no target: give --target-bpp/--target-bytes/--target-psnr "
@@ -170,7 +170,7 @@ class Compressor(ItemProcessor):
 
         stages.append("qmap")
         qmap = self.quality_map(item, image, row)
-        with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, out_path, row, stages, qmap),
+        with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, item.relpath, row, stages, qmap),
                            max(image.width, image.height), item.uri)
 
     def keep_what_travels(self, image: DecodedImage, row: dict[str, Any]) -> None:
@@ -206,7 +206,7 @@ class Compressor(ItemProcessor):
         row["qmap"] = redact(source)
         return read_quality_map(source, self.config.storage_options, image.height, image.width)
 
-    def _encode_write_measure(self, image: DecodedImage, target: Target, out_path: str, row: dict[str, Any],
+    def _encode_write_measure(self, image: DecodedImage, target: Target, name: str, row: dict[str, Any],
                               stages: list[str], qmap: np.ndarray | None = None) -> None:
         """Everything after reading, as one unit an out-of-memory retry can run again."""
         codec = self.codec
@@ -244,18 +244,18 @@ class Compressor(ItemProcessor):
                    search_ms=timed.ms["estimate"] + timed.ms["decode"], entropy_ms=timed.ms["encode"],
                    refine_steps=steps, exact_original=exact, rate_param=outcome.value, encodes=outcome.encodes,
                    estimates=outcome.estimates)
-        if self.not_smaller(len(blob), row, out_path):
+        if self.not_smaller(len(blob), row, name):
             return
 
         stages.append("write")
-        atomic_write(self.out_fs, out_path, blob)
+        self.layout.put(name, codec.extension, blob)
         t2 = time.perf_counter()
         row["write_ms"] = (t2 - t1) * 1000.0
 
         row["output_sha256"] = hashlib.sha256(blob).hexdigest()
         if self.config.verify:
             stages.append("verify")
-            restored = self.verify(out_path, blob, prepared, outcome.value, image, exact)
+            restored = self.verify(name, blob, prepared, outcome.value, image, exact)
             row["verified"] = True
             stages.append("metrics")
         else:
@@ -284,7 +284,7 @@ class Compressor(ItemProcessor):
                                       f"({len(original)} B, SHA-256 mismatch)")
         return True
 
-    def not_smaller(self, size: int, row: dict[str, Any], out_path: str) -> bool:
+    def not_smaller(self, size: int, row: dict[str, Any], name: str) -> bool:
         """The skip rule: a result not smaller than its input (by --min-savings) is not kept.
 
         The row says ``skipped`` with the sizes, no output object is left (an earlier run's
@@ -298,14 +298,10 @@ class Compressor(ItemProcessor):
         row.update(status="skipped", output_uri=None, candidate_bytes=size,
                    error=f"kept original: {size:,} B output ≥ {row['input_bytes']:,} B input{rule}"
                    if size >= row["input_bytes"] else f"kept original: {size:,} B output{rule}")
-        try:
-            if self.out_fs.exists(out_path):
-                self.out_fs.rm_file(out_path)
-        except FileNotFoundError:
-            pass
+        self.layout.discard(name, self.codec.extension)
         return True
 
-    def verify(self, out_path: str, blob: bytes, prepared: Any, value: float, image: DecodedImage,
+    def verify(self, name: str, blob: bytes, prepared: Any, value: float, image: DecodedImage,
                exact: bool | None = None) -> np.ndarray:
         """Read the stored file back, decode it as a decompress job would, and compare.
 
@@ -316,11 +312,12 @@ class Compressor(ItemProcessor):
         must give the input back: the original file's SHA-256 where they restore it (JPEG →
         JPEG XL → the same JPEG), else the very pixels. A container's alpha section must give the
         alpha back exactly. On a mismatch the file is removed, so no row and no file outlives a
-        bitstream that does not decode.
+        bitstream that does not decode. (A tar shard's member is read back whole when the shard
+        is written: ``TarLayout.commit``.)
         """
         codec = self.codec
         try:
-            stored = fetch(self.out_fs, out_path)
+            stored = self.layout.read_back(name, codec.extension)
             if stored != blob:
                 raise VerifyError(f"stored file is {len(stored)} bytes and differs from the {len(blob)} written")
             # Byte-equal to what this codec just wrote: a header names this codec, and the
@@ -346,7 +343,7 @@ class Compressor(ItemProcessor):
             return decoded
         except VerifyError:
             try:
-                self.out_fs.rm_file(out_path)
+                self.layout.discard(name, codec.extension)
             except Exception:
                 pass
             raise

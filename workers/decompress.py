@@ -21,12 +21,12 @@ from ratefit.codecs import container
 from ratefit.codecs.base import NO_EXTRAS, Codec, CodecError, Extras, capabilities_of, payload_weights_sha256
 from ratefit.codecs.registry import accepts_option
 from ratefit.workers.codec_loader import load_codec
-from ratefit.workers.items import Item
+from ratefit.workers.items import Item, StoredOutput
 from ratefit.workers.manifest import DECOMPRESS_SCHEMA
 from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.processor import ItemProcessor
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_bytes
-from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
+from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch_range, full_url, open_fs, redact, safe_join
 
 
 def restored_relpath(relpath: str, original_file: bool = False) -> str:
@@ -39,10 +39,15 @@ def restored_relpath(relpath: str, original_file: bool = False) -> str:
     """
     stem = relpath[: -len(container.SUFFIX)] if relpath.endswith(container.SUFFIX) else relpath
     head, dot, _codec_ext = stem.rpartition(".")
-    original = head if dot and "/" not in _codec_ext else stem
+    return restored_name(head if dot and "/" not in _codec_ext else stem, original_file)
+
+
+def restored_name(name: str, original_file: bool = False) -> str:
+    """Where an item named ``name`` (its input's relative path) is restored: ``a/b.jpg`` →
+    ``a/b.jpg.png``, a PNG keeps its name, and a restored original file its own."""
     if original_file:
-        return original
-    return original if original.lower().endswith(".png") else original + ".png"
+        return name
+    return name if name.lower().endswith(".png") else name + ".png"
 
 
 def png_bytes(pixels: np.ndarray, extras: Extras = NO_EXTRAS) -> bytes:
@@ -132,12 +137,45 @@ def decode_container(data: bytes, codec_for: Callable[[container.Header], Codec]
     return header, decode_payload(codec_for(header), header, payload)
 
 
-class Decompressor(ItemProcessor):
-    schema = DECOMPRESS_SCHEMA
+@dataclass
+class Restored:
+    """What a stored output gives back: the picture and what travelled beside it, or the
+    input file itself (``original``, jxl-lossless of a JPEG; ``pixels`` is then None)."""
 
-    def __init__(self, config: DecompressConfig):
-        self.config = config
-        self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
+    codec: Codec
+    pixels: np.ndarray | None
+    extras: Extras
+    original: bytes | None = None
+
+
+def read_stored(fs: Any, path: str, stored: StoredOutput | None) -> bytes:
+    """An output's bytes: the whole object, or its member's range in a tar shard (one ranged GET)."""
+    if stored is None or stored.offset is None:
+        return read_bytes(fs, path)
+    try:
+        return fetch_range(fs, path, stored.offset, stored.length or 0)
+    except StorageUnavailable:
+        raise
+    except FileNotFoundError:
+        raise ItemError("read", f"not found: {path}") from None
+    except Exception as e:
+        raise ItemError("read", f"{type(e).__name__}: {e}") from None
+
+
+class Restorer:
+    """Stored output bytes back to pixels, the way ``ratefit decompress`` writes them.
+
+    One per worker (codecs load once); decompress jobs and the reading API
+    (``workers/reading.py``) share it, so a reader gets the very pixels decompress would write.
+    A container says which codec and weights it needs; a plain file or a tar member is named
+    by its manifest row (``StoredOutput``), whose checksum it must match.
+    """
+
+    def __init__(self, codec_options: dict[str, dict[str, Any]] | None = None,
+                 learned_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.codec_options = codec_options or {}
+        self.learned_options = learned_options or {}
+        self.max_pixels = max_pixels
         self._codecs: dict[str, Codec] = {}
 
     def codec_for(self, header: container.Header) -> Codec:
@@ -146,9 +184,9 @@ class Decompressor(ItemProcessor):
     def load(self, name: str) -> Codec:
         """The codec a container's header or a manifest row names, loaded once per worker."""
         if name not in self._codecs:
-            opts = self.config.codec_options.get(name)
+            opts = self.codec_options.get(name)
             if opts is None:
-                opts = self.config.learned_options if accepts_option(name, "weights") else {}
+                opts = self.learned_options if accepts_option(name, "weights") else {}
             try:
                 self._codecs[name] = load_codec(name, **opts)
             except KeyError as e:
@@ -171,56 +209,74 @@ class Decompressor(ItemProcessor):
 
     def decode(self, data: bytes, what: str) -> tuple[container.Header, np.ndarray]:
         """decode_container, retried alone with smaller tiles if the device runs out of memory."""
-        header, payload = check_container(data, self.config.max_pixels)
+        header, payload = check_container(data, self.max_pixels)
         codec = self.codec_for(header)
         self.check_weights(codec, header, payload)
         pixels = with_tile_fallback(codec, lambda: decode_payload(codec, header, payload),
                                     max(header.width, header.height), what)
         return header, pixels
 
-    def decode_stored(self, data: bytes, item: Item) -> tuple[Codec, np.ndarray | None, Extras, bytes | None]:
-        """A plain-file output: (codec, pixels, extras, original file or None), checked against its row."""
-        stored = item.stored
-        if stored.sha256 and hashlib.sha256(data).hexdigest() != stored.sha256:
-            raise ItemError("decode", f"checksum mismatch: {len(data)} B file is not the output its manifest "
+    def restore(self, data: bytes, stored: StoredOutput | None, what: str) -> Restored:
+        """A stored output's picture and extras (or original file); every failure is an ItemError."""
+        if stored is not None and stored.sha256 and hashlib.sha256(data).hexdigest() != stored.sha256:
+            raise ItemError("decode", f"checksum mismatch: {len(data)} B output is not the one its manifest "
                                       "row names (changed or corrupt)")
+        if data[:len(container.MAGIC)] == container.MAGIC:
+            header, pixels = self.decode(data, what)
+            return Restored(self.codec_for(header), pixels, stored_extras(self.codec_for(header), data, header))
+        if stored is None:
+            raise ItemError("decode", "not a ratefit container (no RFIC header), and no manifest row names it")
+        return self.restore_plain(data, stored)
+
+    def restore_plain(self, data: bytes, stored: StoredOutput) -> Restored:
+        """A plain-file output, sized by its row (there is no header to say it)."""
         if not stored.width or not stored.height:
             raise ItemError("decode", "the manifest row gives no image size")
-        if stored.width * stored.height > self.config.max_pixels:
+        if stored.width * stored.height > self.max_pixels:
             raise ItemError("decode", f"manifest row says {stored.width}x{stored.height} = "
                                       f"{stored.width * stored.height} pixels, over the limit of "
-                                      f"{self.config.max_pixels} (raise --max-pixels to allow it)")
+                                      f"{self.max_pixels} (raise --max-pixels to allow it)")
         codec = self.load(stored.codec)
         original = codec.original_of(data) if capabilities_of(codec).restores_original else None
         if original is not None:
-            return codec, None, NO_EXTRAS, original
+            return Restored(codec, None, NO_EXTRAS, original)
         pixels = decode_plain(codec, data, stored.width, stored.height, stored.value or 0.0)
-        return codec, pixels, stored_extras(codec, data), None
+        return Restored(codec, pixels, stored_extras(codec, data))
+
+
+class Decompressor(ItemProcessor):
+    schema = DECOMPRESS_SCHEMA
+
+    def __init__(self, config: DecompressConfig):
+        self.config = config
+        self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
+        self.restorer = Restorer(config.codec_options, config.learned_options, config.max_pixels)
+
+    def codec_for(self, header: container.Header) -> Codec:
+        return self.restorer.codec_for(header)
 
     def process(self, item: Item, row: dict[str, Any], stages: list[str]) -> None:
         stages.append("read")
         in_fs, in_path = open_fs(item.uri, self.config.storage_options)
-        data = read_bytes(in_fs, in_path)
+        data = read_stored(in_fs, in_path, item.stored)
         row["input_bytes"] = len(data)
         stages.append("decode")
         t0 = time.perf_counter()
-        original = None
-        if item.stored is not None:
-            codec, pixels, extras, original = self.decode_stored(data, item)
-            row["codec"] = codec.name
-            if pixels is not None:
-                row.update(width=pixels.shape[1], height=pixels.shape[0])
-        else:
-            header, pixels = self.decode(data, item.uri)
-            extras = stored_extras(self.codec_for(header), data, header)
-            row.update(codec=header.codec, width=header.width, height=header.height)
+        restored = self.restorer.restore(data, item.stored, item.uri)
+        row["codec"] = restored.codec.name
+        if restored.pixels is not None:
+            row.update(width=restored.pixels.shape[1], height=restored.pixels.shape[0])
         row["decode_ms"] = (time.perf_counter() - t0) * 1000.0
+        original = restored.original
+        name = item.stored.name if item.stored is not None and item.stored.name else None
         try:
-            out_path = safe_join(self.out_root, restored_relpath(item.relpath, original_file=original is not None))
+            relpath = (restored_name(name, original is not None) if name is not None
+                       else restored_relpath(item.relpath, original_file=original is not None))
+            out_path = safe_join(self.out_root, relpath)
         except ValueError as e:
             raise ItemError("plan", str(e)) from None
         row["output_uri"] = redact(full_url(self.out_fs, out_path))
         stages.append("write")
-        out = original if original is not None else png_bytes(pixels, extras)
+        out = original if original is not None else png_bytes(restored.pixels, restored.extras)
         atomic_write(self.out_fs, out_path, out)
         row.update(status="ok", output_bytes=len(out))

@@ -9,14 +9,27 @@ from ratefit.codecs.rate import Target
 
 @dataclass(frozen=True)
 class StoredOutput:
-    """A plain-file output (``a/b.png.avif``) as its manifest row describes it: there is no
-    container header, so the row says which codec wrote it, its checksum and its size."""
+    """An output planned from its manifest row: a plain file (``a/b.png.avif``), which has no
+    container header, so the row says which codec wrote it, its checksum and its size; or a
+    member of a tar shard (any codec), which the row also locates."""
 
     codec: str
     sha256: str | None = None
     width: int | None = None
     height: int | None = None
     value: float | None = None
+    offset: int | None = None    # a member of a tar shard (--layout webdataset): its bytes in the tar
+    length: int | None = None
+    name: str | None = None      # ... and the item's name (the manifest's key), which the tar path does not give
+
+    @classmethod
+    def of_row(cls, row: dict) -> "StoredOutput":
+        """The stored output a manifest row describes (any row of the compress schema)."""
+        return cls(codec=row["codec"], sha256=row.get("output_sha256"), width=row.get("width"),
+                   height=row.get("height"), value=row.get("rate_param"),
+                   offset=row.get("offset") if row.get("shard_uri") else None,
+                   length=row.get("length") if row.get("shard_uri") else None,
+                   name=row.get("key") if row.get("shard_uri") else None)
 
 
 @dataclass(frozen=True)

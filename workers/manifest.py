@@ -92,6 +92,14 @@ COMPRESS_SCHEMA = pa.schema(_COMMON + [
     # A ``skipped`` item (the result was not smaller than the input, --min-savings): the size
     # the result would have had. No output object exists for it.
     ("candidate_bytes", pa.int64()),
+    # The item's name: its input's path relative to INPUT (``a/b.jpg``), which the reading API
+    # yields as the key. With ``--layout webdataset`` the output is a member of a tar shard:
+    # ``output_uri`` and ``shard_uri`` name the tar, ``offset``/``length`` the member's bytes
+    # in it (one ranged GET); null for the files layout.
+    ("key", pa.string()),
+    ("shard_uri", pa.string()),
+    ("offset", pa.int64()),
+    ("length", pa.int64()),
 ])
 STAGE_COLUMNS = ("read_ms", "analysis_ms", "refine_ms", "search_ms", "entropy_ms", "write_ms", "metrics_ms")
 

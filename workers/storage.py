@@ -94,6 +94,14 @@ def fetch(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
     return with_retries(lambda: fs.cat_file(path), f"read {path}")
 
 
+def fetch_range(fs: fsspec.AbstractFileSystem, path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of an object from ``offset`` (one ranged GET on S3), through short outages."""
+    data = with_retries(lambda: fs.cat_file(path, start=offset, end=offset + length), f"read {path}")
+    if len(data) != length:
+        raise OSError(f"{path}: {len(data)} B at offset {offset}, expected {length} (object shorter than its manifest says)")
+    return data
+
+
 def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem for ``url`` and the path inside it (protocol stripped)."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
