@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ratefit.codecs.base import Extras
+from ratefit.codecs.base import CodecError, Extras
 
 MAGIC = b"RFIC"
 FORMAT_VERSION = 2
@@ -213,3 +213,17 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     header = Header(codec=codec, weights_sha256=weights, value=value, width=width, height=height,
                     mode=mode, payload_length=length, crc32=crc, version=version, sections=sections)
     return header, payload
+
+
+def decode_checked(codec, header: Header, payload: bytes) -> np.ndarray:
+    """The codec's picture for a parsed container, held to the size its header gives.
+
+    The one decode of a container's payload (``ratefit decompress``, ``--verify``, the reading
+    API and the Pillow plugin): a codec error or a picture of the wrong shape is a CodecError.
+    """
+    pixels = codec.decode(payload, header.width, header.height, header.value)
+    if not isinstance(pixels, np.ndarray) or pixels.shape != (header.height, header.width, 3) \
+            or pixels.dtype != np.uint8:
+        got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+        raise CodecError(f"{header.codec} decoded to {got}, header says {header.width}x{header.height}")
+    return pixels

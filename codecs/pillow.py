@@ -33,6 +33,20 @@ from PIL import Image
 
 from ratefit.codecs.base import NO_EXTRAS, Capabilities, CodecError, ControlRange, Extras
 
+
+def image_with_extras(pixels: np.ndarray, extras: Extras = NO_EXTRAS) -> Image.Image:
+    """A decoded picture as a PIL image: RGB, or RGBA with the kept alpha, carrying the ICC
+    profile, EXIF and XMP in ``info`` (how Pillow itself presents them). One assembly for the
+    PNGs ``ratefit decompress`` writes and the images the reading API yields."""
+    if extras.alpha is not None:
+        im = Image.fromarray(np.dstack([pixels, extras.alpha]), "RGBA")
+    else:
+        im = Image.fromarray(pixels, "RGB")
+    for name, value in (("icc_profile", extras.icc), ("exif", extras.exif), ("xmp", extras.xmp)):
+        if value:
+            im.info[name] = value
+    return im
+
 EXIF_PREFIX = b"Exif\x00\x00"
 
 

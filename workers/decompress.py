@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import PngImagePlugin
 
 from ratefit.codecs import container
 from ratefit.codecs.base import NO_EXTRAS, Codec, CodecError, Extras, capabilities_of, payload_weights_sha256
+from ratefit.codecs.pillow import image_with_extras
 from ratefit.codecs.registry import accepts_option
 from ratefit.workers.codec_loader import load_codec
 from ratefit.workers.items import Item, StoredOutput
@@ -52,10 +53,7 @@ def restored_name(name: str, original_file: bool = False) -> str:
 
 def png_bytes(pixels: np.ndarray, extras: Extras = NO_EXTRAS) -> bytes:
     """A PNG of ``pixels`` carrying the alpha, ICC profile, EXIF and XMP of ``extras``."""
-    if extras.alpha is not None:
-        im = Image.fromarray(np.dstack([pixels, extras.alpha]), "RGBA")
-    else:
-        im = Image.fromarray(pixels, "RGB")
+    im = image_with_extras(pixels, extras)
     options: dict[str, Any] = {"compress_level": 3}
     if extras.icc:
         options["icc_profile"] = extras.icc
@@ -97,13 +95,9 @@ def check_container(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
 def decode_payload(codec: Codec, header: container.Header, payload: bytes) -> np.ndarray:
     """The codec's picture for a checked container; a codec failure is an ItemError, never a crash."""
     try:
-        pixels = codec.decode(payload, header.width, header.height, header.value)
+        return container.decode_checked(codec, header, payload)
     except CodecError as e:
         raise ItemError("decode", str(e)) from None
-    if pixels.shape != (header.height, header.width, 3) or pixels.dtype != np.uint8:
-        raise ItemError("decode", f"{header.codec} decoded to {pixels.dtype} {pixels.shape}, "
-                                  f"header says {header.width}x{header.height}")
-    return pixels
 
 
 def decode_plain(codec: Codec, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
@@ -152,8 +146,11 @@ def read_stored(fs: Any, path: str, stored: StoredOutput | None) -> bytes:
     """An output's bytes: the whole object, or its member's range in a tar shard (one ranged GET)."""
     if stored is None or stored.offset is None:
         return read_bytes(fs, path)
+    if not stored.length:
+        raise ItemError("read", f"the manifest row locates no bytes in {path} (offset {stored.offset}, "
+                                f"length {stored.length})")
     try:
-        return fetch_range(fs, path, stored.offset, stored.length or 0)
+        return fetch_range(fs, path, stored.offset, stored.length)
     except StorageUnavailable:
         raise
     except FileNotFoundError:

@@ -4,7 +4,7 @@
 ``webdataset`` holds a shard's outputs until its last item, then writes one standard tar,
 ``OUTPUT/shards/<run>/shard-NNNNN.tar``, whole, before the shard's manifest part: the part
 stays the commit, so no row ever names a tar that was not fully written. Each image is two
-members, ``<key>.<codec ext>`` and ``<key>.json`` (its manifest row as it stood when encoded),
+members, ``<key>.<codec ext>`` and ``<key>.json`` (what a consumer uses of its manifest row),
 where ``<key>`` is the item's relative path with the dots of its file name turned into ``_``
 (webdataset groups a sample's members by the name up to the first dot). The row records
 ``shard_uri``, ``offset`` and ``length``, so one image is one ranged GET.
@@ -44,10 +44,19 @@ def member_key(relpath: str) -> str:
     return f"{head}/{name}" if head else name
 
 
+# What a sample's ``.json`` member carries of its manifest row: what a consumer of the image uses
+# (the manifest has the rest: timings, metadata sizes, where it is in the tar). Every member
+# costs a 512 B header and pads to 512 B blocks: a row under 512 B takes one block per image.
+JSON_FIELDS = ("key", "input_uri", "codec", "rate_param", "width", "height", "bpp", "psnr", "ms_ssim",
+               "target_kind", "target_value", "output_sha256", "has_alpha", "has_icc", "exact_original", "run_id")
+
+
 def json_row(row: dict[str, Any]) -> bytes:
-    """A manifest row as strict JSON (an infinite PSNR, that of a lossless output, becomes null)."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    return json.dumps(clean, sort_keys=True).encode("utf-8")
+    """A row's consumer fields as strict JSON, nulls left out (an infinite PSNR, that of a
+    lossless output, is left out too: ``exact_original`` says it)."""
+    clean = {k: row[k] for k in JSON_FIELDS
+             if row.get(k) is not None and not (isinstance(row[k], float) and not math.isfinite(row[k]))}
+    return json.dumps(clean, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
 class FileLayout:
@@ -126,7 +135,7 @@ class TarLayout(FileLayout):
             return
         path = self.tar_path(shard_index)
         shard_uri = redact(full_url(self.fs, path))
-        data, spans = self._tar(kept, shard_uri)
+        data, spans = self._tar(kept)
         atomic_write(self.fs, path, data)
         stored = fetch(self.fs, path) if verify else data
         for (row, (_name, _ext, blob)), (offset, length) in zip(kept, spans):
@@ -137,12 +146,8 @@ class TarLayout(FileLayout):
                                                          f"differs from the {length} B written")))
 
     @staticmethod
-    def _tar(kept: list[tuple[dict[str, Any], tuple[str, str, bytes]]],
-             shard_uri: str) -> tuple[bytes, list[tuple[int, int]]]:
-        """The tar's bytes and, per output, its member's (offset, length) read back from the tar itself.
-
-        Each ``.json`` member is the row as committed, but for where its own bytes are (the
-        manifest has ``offset``/``length``: they are known only once the tar is built)."""
+    def _tar(kept: list[tuple[dict[str, Any], tuple[str, str, bytes]]]) -> tuple[bytes, list[tuple[int, int]]]:
+        """The tar's bytes and, per output, its member's (offset, length) read back from the tar itself."""
         buf, now, used = io.BytesIO(), int(time.time()), set()
         names = []
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -153,7 +158,7 @@ class TarLayout(FileLayout):
                     unique, n = f"{key}_{n}", n + 1
                 used.add(unique)
                 names.append(f"{unique}.{ext}")
-                for member, payload in ((names[-1], blob), (f"{unique}.json", json_row({**row, "output_uri": shard_uri, "shard_uri": shard_uri}))):
+                for member, payload in ((names[-1], blob), (f"{unique}.json", json_row(row))):
                     info = tarfile.TarInfo(member)
                     info.size, info.mtime, info.mode = len(payload), now, 0o644
                     tar.addfile(info, io.BytesIO(payload))
