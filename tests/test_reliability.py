@@ -17,7 +17,7 @@ from PIL import Image
 from ratefit.codecs import container
 from ratefit.codecs.rate import Target
 from ratefit.codecs.registry import get_codec
-from ratefit.workers import compress as compress_mod
+from ratefit.workers import layout as layout_mod
 from ratefit.workers.compress import CompressConfig, Compressor
 from ratefit.workers.items import Item
 from ratefit.workers.storage import StorageUnavailable, is_transient, with_retries
@@ -43,14 +43,14 @@ def test_verify_passes_for_good_bitstreams(tmp_path, samples_dir, codec):
 
 
 def test_verify_catches_a_store_that_corrupts_what_it_keeps(tmp_path, samples_dir, monkeypatch):
-    real_write = compress_mod.atomic_write
+    real_write = layout_mod.atomic_write
 
     def corrupting_write(fs, path, data):
         bad = bytearray(data)
         bad[len(bad) // 2] ^= 0x10
         real_write(fs, path, bytes(bad))
 
-    monkeypatch.setattr(compress_mod, "atomic_write", corrupting_write)
+    monkeypatch.setattr(layout_mod, "atomic_write", corrupting_write)
     c = _compressor(tmp_path, "jpeg", verify=True)
     row = c(_item(samples_dir), 0, 1)
     assert row["status"] == "error" and row["verified"] is False
@@ -61,8 +61,8 @@ def test_verify_catches_a_store_that_corrupts_what_it_keeps(tmp_path, samples_di
 
 def test_without_verify_the_same_corruption_goes_unnoticed(tmp_path, samples_dir, monkeypatch):
     """The control for the test above: only --verify reads the stored file back."""
-    real_write = compress_mod.atomic_write
-    monkeypatch.setattr(compress_mod, "atomic_write",
+    real_write = layout_mod.atomic_write
+    monkeypatch.setattr(layout_mod, "atomic_write",
                         lambda fs, path, data: real_write(fs, path, data[:-1] + bytes([data[-1] ^ 1])))
     row = _compressor(tmp_path, "jpeg")(_item(samples_dir), 0, 1)
     assert row["status"] == "ok" and row["verified"] is None

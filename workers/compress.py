@@ -29,7 +29,7 @@ from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR
 from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.processor import ItemProcessor
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image, read_quality_map
-from ratefit.workers.storage import open_fs, stat_input
+from ratefit.workers.storage import open_fs, redact, stat_input
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Compressor(ItemProcessor):
 
     def start_row(self, item: Item, row: dict[str, Any]) -> None:
         target = item.target or self.config.target
-        row.update(codec=self.codec.name, run_id=self.config.run_id, key=item.relpath,
+        row.update(codec=self.codec.name, run_id=self.config.run_id, key=redact(item.relpath),
                    source_version=item.version, input_bytes=item.size,   # as planned, until read
                    target_kind=target.kind if target else None, target_value=target.value if target else None)
 

@@ -27,7 +27,7 @@ from ratefit.workers.manifest import DECOMPRESS_SCHEMA
 from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.processor import ItemProcessor
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, ItemError, read_bytes
-from ratefit.workers.storage import StorageUnavailable, atomic_write, fetch_range, full_url, open_fs, redact, safe_join
+from ratefit.workers.storage import atomic_write, full_url, open_fs, redact, safe_join
 
 
 def restored_relpath(relpath: str, original_file: bool = False) -> str:
@@ -149,14 +149,7 @@ def read_stored(fs: Any, path: str, stored: StoredOutput | None) -> bytes:
     if not stored.length:
         raise ItemError("read", f"the manifest row locates no bytes in {path} (offset {stored.offset}, "
                                 f"length {stored.length})")
-    try:
-        return fetch_range(fs, path, stored.offset, stored.length)
-    except StorageUnavailable:
-        raise
-    except FileNotFoundError:
-        raise ItemError("read", f"not found: {path}") from None
-    except Exception as e:
-        raise ItemError("read", f"{type(e).__name__}: {e}") from None
+    return read_bytes(fs, path, stored.offset, stored.length)
 
 
 class Restorer:

@@ -152,7 +152,7 @@ class TarLayout(FileLayout):
         names = []
         with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for row, (name, ext, blob) in kept:
-                key = member_key(name)
+                key = member_key(redact(name))   # a listing's signed URL leaves no secret in a member name
                 unique, n = key, 1
                 while unique in used:   # two names that only differ in dots and underscores
                     unique, n = f"{key}_{n}", n + 1

@@ -28,7 +28,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from ratefit.codecs.base import NO_EXTRAS, Extras
 from ratefit.codecs.pillow import exif_orientation_1
-from ratefit.workers.storage import StorageUnavailable, fetch, open_fs
+from ratefit.workers.storage import StorageUnavailable, fetch, fetch_range, open_fs
 
 DEFAULT_MAX_PIXELS = 100_000_000
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
@@ -211,9 +211,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, *, keep_icc:
     return DecodedImage(pixels=pixels, original_mode=mode, frames=frames, extras=extras, format=fmt)
 
 
-def read_bytes(fs, path: str) -> bytes:
+def read_bytes(fs, path: str, offset: int | None = None, length: int | None = None) -> bytes:
+    """An object's bytes (or ``length`` of them from ``offset``); a failure is an ItemError at ``read``."""
     try:
-        return fetch(fs, path)
+        return fetch(fs, path) if offset is None else fetch_range(fs, path, offset, length or 0)
     except StorageUnavailable:
         raise   # not this item's fault: the shard stops and the job reports the outage
     except FileNotFoundError:
