@@ -54,11 +54,11 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 from PIL import Image, ImageFile
 
 from ratefit.codecs import container
-from ratefit.codecs.base import Codec, CodecError, capabilities_of, payload_weights_sha256
+from ratefit.codecs.base import Codec, CodecError, Extras, capabilities_of, payload_weights_sha256
+from ratefit.codecs.pillow import image_with_extras
 from ratefit.codecs.registry import factory_of, get_codec
 
 try:   # ratefit's plain .jxl outputs: pillow-jxl-plugin registers JPEG XL with Pillow on import
@@ -350,20 +350,18 @@ def _count_registered(name: str) -> str:
     return "none" if not n else f"{n}, none with that SHA-256"
 
 
-def _decode(header: container.Header, payload: bytes, what: str) -> np.ndarray:
+def _decode(header: container.Header, payload: bytes, what: str) -> Image.Image:
     """What ``ratefit decompress`` writes: the codec's picture, plus the alpha section (RGBA)."""
     codec = _codec_for(header, payload, what)
     try:
         pixels = container.decode_checked(codec, header, payload)
     except (CodecError, RuntimeError, ValueError) as e:
         raise RficError(f"{what}: {header.codec} payload does not decode: {e}") from None
-    if _ALPHA in header.sections:
-        try:
-            alpha = container.extras_of(header).alpha
-        except container.ContainerError as e:
-            raise RficError(f"{what}: {e}") from None
-        pixels = np.dstack([pixels, alpha])
-    return np.ascontiguousarray(pixels)
+    try:
+        alpha = container.extras_of(header).alpha if _ALPHA in header.sections else None
+    except container.ContainerError as e:
+        raise RficError(f"{what}: {e}") from None
+    return image_with_extras(pixels, Extras(alpha=alpha))
 
 
 # ------------------------------------------------------------------------------ the Pillow plugin
@@ -418,8 +416,7 @@ class RficImageFile(ImageFile.ImageFile):
             header = self.rfic_header
             assert header is not None
             _check_pixels(header.width, header.height)
-            pixels = _decode(header, self._payload, self._what())
-            self.im = Image.frombytes(self.mode, self.size, pixels.tobytes()).im
+            self.im = _decode(header, self._payload, self._what()).im
             self.readonly = 0
             self._payload = None   # decoded: the bytes are not needed again
             if self._exclusive_fp and self._close_exclusive_fp_after_loading and self.fp is not None:

@@ -213,7 +213,8 @@ class Restorer:
                                       "row names (changed or corrupt)")
         if data[:len(container.MAGIC)] == container.MAGIC:
             header, pixels = self.decode(data, what)
-            return Restored(self.codec_for(header), pixels, stored_extras(self.codec_for(header), data, header))
+            codec = self.codec_for(header)
+            return Restored(codec, pixels, stored_extras(codec, data, header))
         if stored is None:
             raise ItemError("decode", "not a ratefit container (no RFIC header), and no manifest row names it")
         return self.restore_plain(data, stored)

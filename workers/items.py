@@ -25,11 +25,11 @@ class StoredOutput:
     @classmethod
     def of_row(cls, row: dict) -> "StoredOutput":
         """The stored output a manifest row describes (any row of the compress schema)."""
+        member = bool(row.get("shard_uri"))
         return cls(codec=row["codec"], sha256=row.get("output_sha256"), width=row.get("width"),
                    height=row.get("height"), value=row.get("rate_param"),
-                   offset=row.get("offset") if row.get("shard_uri") else None,
-                   length=row.get("length") if row.get("shard_uri") else None,
-                   name=row.get("key") if row.get("shard_uri") else None)
+                   offset=row.get("offset") if member else None, length=row.get("length") if member else None,
+                   name=row.get("key") if member else None)
 
 
 @dataclass(frozen=True)
