@@ -118,8 +118,9 @@ def _start_job(spec: JobSpec, fs) -> tuple[threading.Thread, dict]:
 
 
 def _check_complete(fs, summary: dict, n: int) -> None:
-    assert summary["statuses"] == {"ok": n}, summary
     rows = read_manifest(fs, "photos/out")
+    errors = [(r["input_uri"], r["status"], r["error"]) for r in rows if r["status"] != "ok"]
+    assert summary["statuses"] == {"ok": n}, (summary, errors)
     assert sorted(r["input_uri"] for r in rows) == expected(n), "every input once"
     for r in rows:
         assert fs.size(r["output_uri"]) == r["output_bytes"], "no row points at a partial file"

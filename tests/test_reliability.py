@@ -134,6 +134,24 @@ def test_transient_classification():
     assert not is_transient(ValueError("bad"))
 
 
+def _s3_error(code: str, status: int) -> OSError:
+    """What s3fs raises for an S3 error answer: its OSError with botocore's ClientError as cause."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    return translate_boto_error(ClientError({"Error": {"Code": code, "Message": "m"},
+                                             "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"))
+
+
+def test_s3_answers_that_say_try_again_are_transient():
+    # A restarting SeaweedFS answers 500 InternalError until its volume server registers (seen
+    # in CI: one item became an error row); AWS documents 5xx and SlowDown as retryable.
+    for code, status in [("InternalError", 500), ("BadGateway", 502), ("SlowDown", 503), ("GatewayTimeout", 504)]:
+        assert is_transient(_s3_error(code, status)), code
+    for code, status in [("NoSuchKey", 404), ("AccessDenied", 403), ("InvalidRange", 416), ("NoSuchBucket", 404)]:
+        assert not is_transient(_s3_error(code, status)), code
+
+
 # ------------------------------------------------------------------- tiles and memory
 
 def test_tiled_transforms_match_the_whole_image(samples_dir):

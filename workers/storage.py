@@ -29,6 +29,12 @@ _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESE
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
                     "HTTPClientError", "ClientConnectorError", "ServerDisconnectedError", "ClientOSError",
                     "FSTimeoutError", "IncompleteRead", "ResponseStreamingError", "ServiceUnavailable", "SlowDown"}
+# An S3 answer that says "try again": any 5xx, and the codes AWS documents as retryable. s3fs
+# turns them into OSErrors (500 → EREMOTEIO, 503 → EBUSY, 502/504 → a bare EIO) with the
+# botocore ClientError as the cause. A restarting SeaweedFS answers 500 InternalError until its
+# volume server has registered: seconds, longer than botocore's own retries on a busy machine.
+_RETRYABLE_S3_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+                       "BadGateway", "GatewayTimeout", "500", "502", "503", "504"}
 
 _SECRET_KEYS = re.compile(r"(secret|password|token|key|credential|session)", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s]*@")
@@ -54,8 +60,20 @@ def is_transient(error: BaseException) -> bool:
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
             return True
+        if _server_says_retry(e):
+            return True
         e = e.__cause__ or e.__context__
     return False
+
+
+def _server_says_retry(error: BaseException) -> bool:
+    """Whether ``error`` is an S3 response (a botocore ClientError) asking to try again."""
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return code in _RETRYABLE_S3_CODES or (isinstance(status, int) and status >= 500)
 
 
 def set_retry_window(seconds: float) -> None:
