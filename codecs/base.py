@@ -48,6 +48,7 @@ class Capabilities:
     spatial: bool = False              # prepare(image, qmap) takes a per-pixel quality map in [0, 1]
     reconstruct: bool = False          # reconstruct(prepared, value): the decoder's picture, no entropy coding
     refine: bool = False               # refine(prepared, image, value, steps): latent refinement
+    batch: bool = False                # prepare_batch(images): one analysis pass for images of one padded size
     tiles: bool = False                # a settable ``tile`` (pixels): out-of-memory retries shrink it
     per_payload_weights: bool = False  # weights_sha256_of(payload): one network per quality, named per payload
     sweep: tuple[float, float] | None = None   # where fixed-value R-D sweeps spread (default: the whole range)

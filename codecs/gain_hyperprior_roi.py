@@ -50,7 +50,7 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
     extension = "ghr.rfic"
     # The workers pass a quality map to prepare(); latent refinement optimises one level per
     # image, not a map (not yet), so it is not declared (and the inherited method is hidden).
-    capabilities = replace(GainHyperpriorCodec.capabilities, spatial=True, refine=False)
+    capabilities = replace(GainHyperpriorCodec.capabilities, spatial=True, refine=False, batch=False)
     refine = None
 
     def __init__(self, *args, span: float = DEFAULT_SPAN, **kwargs):
@@ -82,20 +82,25 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
     def estimate(self, prepared: RoiPrepared, value: float) -> float:
         field = self.level_map(prepared.grid, value, self.span)
         with self._lock:
-            return self.model.estimate_bits(prepared.y, value, field) + 8 * (len(prepared.side) + _LEN.size)
+            return (self.model.estimate_bits(prepared.y, value, field, exact=False)
+                    + 8 * (len(prepared.side) + _LEN.size))
 
     @torch.inference_mode()
     def encode(self, prepared: RoiPrepared, value: float) -> bytes:
         field = self.level_map(prepared.grid, value, self.span)
         with self._lock:
-            z, y = self.model.compress_latent(prepared.y, value, field)
+            z, y, y_hat = self.model.compress_latent(prepared.y, value, field)
+            prepared.coded = (value, y_hat)
         return prepared.side + _LEN.pack(len(z)) + z + y
 
     @torch.inference_mode()
     def reconstruct(self, prepared: RoiPrepared, value: float) -> np.ndarray:
         field = self.level_map(prepared.grid, value, self.span)
         with self._lock:
-            x_hat = self.model.reconstruct(prepared.y, value, self.tile, field)
+            if prepared.coded is not None and prepared.coded[0] == value:   # the encode's own latent
+                x_hat = self.model.synthesise(prepared.coded[1], value, self.tile, field)
+            else:
+                x_hat = self.model.reconstruct(prepared.y, value, self.tile, field)
         return _to_pixels(x_hat, prepared.width, prepared.height)
 
     def coded_map(self, payload: bytes, width: int, height: int) -> tuple[np.ndarray, float, int]:

@@ -72,6 +72,7 @@ class _Probe:
         self.codec, self.prepared, self.image = codec, prepared, image
         self.payloads: dict[float, bytes] = {}
         self.psnrs: dict[float, float] = {}
+        self.bits: dict[float, float | None] = {}
         self.encodes = 0
         self.estimates = 0
 
@@ -92,15 +93,22 @@ class _Probe:
         return self.psnrs[value]
 
     def estimate_bits(self, value: float) -> float | None:
-        bits = self.codec.estimate(self.prepared, value)
-        if bits is not None:
-            self.estimates += 1
-        return bits
+        if value not in self.bits:   # a correction's re-solve comes back to values already priced
+            self.bits[value] = self.codec.estimate(self.prepared, value)
+            if self.bits[value] is not None:
+                self.estimates += 1
+        return self.bits[value]
 
 
-def search(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overhead: int) -> Outcome:
+def search(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overhead: int,
+           start: float | None = None) -> Outcome:
     """Search the control value for ``target``; ``overhead`` is what the stored file adds to the
-    payload (the container header and the sections carrying metadata and alpha)."""
+    payload (the container header and the sections carrying metadata and alpha).
+
+    ``start`` is a control value to begin from (a warm start: the previous image's result,
+    where similar images land close together); it changes how many estimates the search
+    takes, never the rule the result obeys. Continuous rate targets only.
+    """
     probe = _Probe(codec, prepared, image)
     h, w = image.shape[:2]
     ceiling = target.max_bytes(w * h)
@@ -112,7 +120,7 @@ def search(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overh
     if codec.control.discrete:
         out = _discrete(codec, probe, target, None if ceiling is None else ceiling - overhead)
     elif ceiling is not None:
-        out = _continuous_rate(codec, probe, ceiling - overhead)
+        out = _continuous_rate(codec, probe, ceiling - overhead, None if start is None else _u_of(codec, start))
     else:
         out = _continuous_psnr(codec, probe, target.value)
     out.encodes, out.estimates = probe.encodes, probe.estimates
@@ -212,49 +220,102 @@ def _value_of(codec: Codec, u: float) -> float:
     return c.low + u * (c.high - c.low) if c.increasing else c.high - u * (c.high - c.low)
 
 
-def _solve_below(rate: Callable[[float], float], limit: float, tol: float, iters: int = 40) -> tuple[float, float]:
+def _u_of(codec: Codec, value: float) -> float:
+    """The inverse of ``_value_of``, clamped to [0, 1]."""
+    c = codec.control
+    u = (value - c.low) / (c.high - c.low)
+    return min(max(u if c.increasing else 1.0 - u, 0.0), 1.0)
+
+
+# d log(rate) / du the first warm step assumes: the default codec spans ~0.05-2 bpp over its
+# range (log 40 = 3.7); the second step uses the slope the first two points measured.
+WARM_SLOPE = 3.7
+WARM_OVERSHOOT = 1.15   # steps past the aim by this much in log-rate, to bracket it on the first try
+
+
+def _bracket_from(rate: Callable[[float], float], limit: float, tol: float, guess: float,
+                  iters: int = 12) -> tuple[float, ...] | None:
+    """A bracket (lo, hi, rate(lo), rate(hi)) around ``limit`` found by stepping from ``guess``.
+
+    Newton-like steps in log-rate (first with ``WARM_SLOPE``, then with the measured slope),
+    each a little past the aim, so a good guess brackets in two estimates instead of the
+    cold start's range ends. Returns (u, rate(u)) instead when that is the answer: a point
+    within ``tol`` below the limit, or a range end first (0, r) with r above the limit, or
+    (1, r) with r within it; None if it gives up (the caller then brackets at the range's ends).
+    """
+    log_limit = math.log(limit * (1.0 - tol / 2))   # the window's middle, as in _solve_below
+    u, r = guess, rate(guess)
+    slope = WARM_SLOPE
+    for _ in range(iters):
+        if limit * (1.0 - tol) <= r <= limit or (r <= limit and u >= 1.0) or (r > limit and u <= 0.0):
+            return u, r
+        step = (log_limit - math.log(max(r, 1e-9))) / slope
+        step = step * WARM_OVERSHOOT if abs(step) > 1e-3 else math.copysign(1e-3, step or 1.0)
+        u2 = min(max(u + step, 0.0), 1.0)
+        r2 = rate(u2)
+        if (r <= limit) != (r2 <= limit):   # bracketed
+            return (u, u2, r, r2) if u < u2 else (u2, u, r2, r)
+        if r2 > 0 and r > 0 and u2 != u and r2 != r:
+            slope = max((math.log(r2) - math.log(r)) / (u2 - u), 0.1)
+        u, r = u2, r2
+    return None
+
+
+def _solve_below(rate: Callable[[float], float], limit: float, tol: float, iters: int = 40,
+                 guess: float | None = None) -> tuple[float, float]:
     """Largest u in [0, 1] with rate(u) <= limit, within ``tol`` of the limit; rate grows with u.
 
     Returns (u, rate(u)); u = 0 when even rate(0) is above the limit. Secant steps in
     log-rate, kept inside the bisection bracket and abandoned when the bracket stops halving.
+    A ``guess`` (warm start) brackets the limit near it first instead of at the range's ends.
     """
-    r0 = rate(0.0)
-    if r0 > limit:
-        return 0.0, r0
-    r1 = rate(1.0)
-    if r1 <= limit:
-        return 1.0, r1
-    lo, hi, r_lo, r_hi = 0.0, 1.0, r0, r1
-    log_limit = math.log(limit)
+    found = _bracket_from(rate, limit, tol, guess) if guess is not None else None
+    if found is not None and len(found) == 2:
+        return found[0], found[1]
+    if found is not None:
+        lo, hi, r_lo, r_hi = found
+    else:
+        r0 = rate(0.0)
+        if r0 > limit:
+            return 0.0, r0
+        r1 = rate(1.0)
+        if r1 <= limit:
+            return 1.0, r1
+        lo, hi, r_lo, r_hi = 0.0, 1.0, r0, r1
+    # Aim at the middle of the window [limit*(1-tol), limit], not at its top edge: secant steps
+    # on a convex log-rate curve approach from one side, and aimed at the edge they creep up
+    # to it from above, each overshoot costing an estimate and a bisection step.
+    log_limit = math.log(limit * (1.0 - tol / 2))
+    # Secant through the two latest points (the local slope: the curve bends over the range,
+    # so a far bracket end steers badly), kept inside the bracket; a bisection step when two
+    # steps in a row did not halve it.
+    prev, last = (lo, r_lo), (hi, r_hi)
+    slow = 0
     for _ in range(iters):
         if r_lo >= limit * (1.0 - tol) or hi - lo < 1e-7:
             break
         width = hi - lo
-        if r_lo > 0 and r_hi > r_lo:
-            u = lo + (log_limit - math.log(r_lo)) / (math.log(r_hi) - math.log(r_lo)) * width
-            u = min(max(u, lo + 0.02 * width), hi - 0.02 * width)
+        (u0, q0), (u1, q1) = prev, last
+        if slow >= 2 or not (q0 > 0 and q1 > 0 and q0 != q1 and u0 != u1):
+            u, slow = 0.5 * (lo + hi), 0
         else:
-            u = 0.5 * (lo + hi)
+            u = u1 + (log_limit - math.log(q1)) * (u1 - u0) / (math.log(q1) - math.log(q0))
+            u = min(max(u, lo + 0.02 * width), hi - 0.02 * width)
         r = rate(u)
         if r <= limit:
             lo, r_lo = u, r
         else:
             hi, r_hi = u, r
-        if hi - lo > 0.5 * width and r_lo < limit * (1.0 - tol):
-            u = 0.5 * (lo + hi)   # secant stalled: one bisection step
-            r = rate(u)
-            if r <= limit:
-                lo, r_lo = u, r
-            else:
-                hi, r_hi = u, r
+        prev, last = last, (u, r)
+        slow = slow + 1 if hi - lo > 0.5 * width else 0
     return lo, r_lo
 
 
-def _continuous_rate(codec: Codec, probe: _Probe, budget: int) -> Outcome:
+def _continuous_rate(codec: Codec, probe: _Probe, budget: int, start: float | None = None) -> Outcome:
     if budget <= 0:
         v = _value_of(codec, 0.0)
         return Outcome(v, probe.payload(v), "unreachable", "target leaves no room for a payload", 0)
-    has_estimate = probe.estimate_bits(_value_of(codec, 0.0)) is not None
+    has_estimate = probe.estimate_bits(_value_of(codec, 0.0 if start is None else start)) is not None
 
     def real_bytes(u: float) -> float:
         return float(probe.size(_value_of(codec, u)))
@@ -266,7 +327,9 @@ def _continuous_rate(codec: Codec, probe: _Probe, budget: int) -> Outcome:
         # missed by (either way) until the real size lands in [budget*(1-tol), budget].
         aim, best = float(budget), None
         for _ in range(MAX_CORRECTIONS):
-            u, _ = _solve_below(lambda x: probe.estimate_bits(_value_of(codec, x)) / 8.0, aim, RATE_TOLERANCE)
+            u, _ = _solve_below(lambda x: probe.estimate_bits(_value_of(codec, x)) / 8.0, aim, RATE_TOLERANCE,
+                                guess=start)
+            start = u   # a correction re-solves from where the last try landed
             real = real_bytes(u)
             if real <= budget and (best is None or real > real_bytes(best)):
                 best = u

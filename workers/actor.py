@@ -44,11 +44,20 @@ class ShardWorker:
 
     def _process_items(self, shard: Shard, attempt: int) -> list[dict[str, Any]]:
         rows = []
-        for item in shard.items:
-            if self.processor.poisoned:   # an item timed out: the items after it get a fresh codec
-                self.replace_actor = True
-                self.processor = self._new_processor()
-            rows.append(self.processor(item, shard.index, attempt))
+        begin = getattr(self.processor, "begin_shard", None)
+        if begin is not None:   # compress: the shard's inputs are read ahead of the codec
+            begin(shard.items)
+        try:
+            for item in shard.items:
+                if self.processor.poisoned:   # an item timed out: the items after it get a fresh codec
+                    self.replace_actor = True  # (which reads them as they come)
+                    getattr(self.processor, "end_shard", lambda: None)()
+                    self.processor = self._new_processor()
+                rows.append(self.processor(item, shard.index, attempt))
+        finally:
+            end = getattr(self.processor, "end_shard", None)
+            if end is not None:
+                end()
         self.replace_actor = self.replace_actor or self.processor.poisoned
         return rows
 
@@ -75,5 +84,13 @@ class ShardWorker:
                 "input_bytes": stats["input_bytes"], "output_bytes": stats["output_bytes"], "stats": stats,
                 "replace_actor": self.replace_actor}
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str | None:
+        """Called once the codec is built: the pool sends shards only to actors that answered.
+        Returns the Ray node this actor runs on (None outside Ray), so the pool can drop the
+        actors of a node that left the cluster."""
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        except Exception:   # not in a Ray worker: nothing to tell
+            return None

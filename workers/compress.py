@@ -28,6 +28,7 @@ from ratefit.workers.layout import FileLayout, make_layout
 from ratefit.workers.manifest import COMPRESS_SCHEMA, MANIFEST_DIR
 from ratefit.workers.memory import with_tile_fallback
 from ratefit.workers.processor import ItemProcessor
+from ratefit.workers.readahead import ReadAhead
 from ratefit.workers.read import DEFAULT_MAX_PIXELS, DecodedImage, ItemError, read_image, read_quality_map
 from ratefit.workers.storage import open_fs, redact, stat_input
 
@@ -53,6 +54,19 @@ class CompressConfig:
     min_savings: float = 0.0            # --min-savings: a result must be this fraction smaller than its input
     item_timeout_s: float | None = 600.0  # --item-timeout: an item past it is an error row (processor.py)
     layout: str = "files"               # --layout: one file per output, or webdataset tar shards (layout.py)
+    batch: int | None = None            # images analysed per pass (codecs with prepare_batch); None: 8 on CUDA, else 1
+
+
+@dataclass
+class _Read:
+    """One item's read, done ahead (``readahead.py``) or inline: what its row records, even
+    when it failed (a listing input's size and version are asked before it is read)."""
+
+    stat: tuple[int | None, str | None] | None = None
+    image: DecodedImage | None = None
+    input_bytes: int | None = None
+    error: Exception | None = None
+    ms: float = 0.0
 
 
 class TimedCodec:
@@ -93,6 +107,9 @@ class TimedCodec:
     def decode(self, payload: bytes, width: int, height: int, value: float) -> np.ndarray:
         return self._timed("decode", payload, width, height, value)
 
+    def reconstruct(self, prepared: Any, value: float) -> np.ndarray:
+        return self._timed("reconstruct", prepared, value)
+
     def refine(self, prepared: Any, image: np.ndarray, value: float, steps: int) -> Any:
         return self._timed("refine", prepared, image, value, steps)
 
@@ -128,6 +145,28 @@ class Compressor(ItemProcessor):
         self.keeps = caps.embeds if caps.plain_file else EMBEDDABLE
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
         self.layout = layout or make_layout(config.layout, self.out_fs, self.out_root, config.run_id)
+        # Warm start: the rate search of an item begins at the control value the item before it
+        # in the same shard landed on (neighbouring images of a collection land close). Reset at
+        # each shard, so an item's output depends only on its shard, not on which actor ran it.
+        self._warm: tuple[int, float] | None = None   # (shard, control value)
+        self.batch = max(1, int(config.batch or (8 if self.codec.device == "cuda" else 1))) \
+            if self.capabilities.batch and not self.spatial else 1
+        self._ahead: ReadAhead[_Read] | None = None
+        self._batched: dict[str, tuple[Any, float]] = {}   # item name -> (prepared, its share of the ms)
+
+    def begin_shard(self, items: list[Item]) -> None:
+        """Read the shard's items ahead of the one being coded (``batch`` of them, at least one)."""
+        self.end_shard()
+        self._ahead = ReadAhead(self._read, items, depth=self.batch)
+
+    def end_shard(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+        self._ahead, self._batched = None, {}
+
+    def __call__(self, item: Item, shard: int, attempt: int) -> dict[str, Any]:
+        self._shard = shard
+        return super().__call__(item, shard, attempt)
 
     def start_row(self, item: Item, row: dict[str, Any]) -> None:
         target = item.target or self.config.target
@@ -155,15 +194,14 @@ class Compressor(ItemProcessor):
             raise ItemError("plan", f"codec {codec.name} is lossless: rate targets do not apply "
                                     f"(the listing gives target_{target.kind})")
         stages.append("read")
-        t0 = time.perf_counter()
-        if item.version is None and self.config.run_id:   # a listing's input: ask before reading,
-            row["input_bytes"], row["source_version"] = stat_input(item.uri, self.config.storage_options)
-        cfg = self.config
-        plain_pixels = cfg.srgb or cfg.strip_metadata
-        image, row["input_bytes"] = read_image(
-            item, cfg.storage_options, cfg.max_pixels, keep_icc=not plain_pixels and "icc" in self.keeps,
-            keep_metadata=not cfg.strip_metadata, keep_source=self.capabilities.restores_original and not plain_pixels)
-        row["read_ms"] = (time.perf_counter() - t0) * 1000.0
+        ahead, read = self._ahead.take(item) if self._ahead is not None else (False, None)
+        if not ahead:
+            read = self._read(item)
+        if read.stat is not None:
+            row["input_bytes"], row["source_version"] = read.stat
+        if read.error is not None:
+            raise read.error
+        image, row["input_bytes"], row["read_ms"] = read.image, read.input_bytes, read.ms
         row.update(width=image.width, height=image.height, original_mode=image.original_mode, frames=image.frames,
                    input_sha256=image.sha256)
         self.keep_what_travels(image, row)
@@ -172,6 +210,73 @@ class Compressor(ItemProcessor):
         qmap = self.quality_map(item, image, row)
         with_tile_fallback(codec, lambda: self._encode_write_measure(image, target, item.relpath, row, stages, qmap),
                            max(image.width, image.height), item.uri)
+
+    def _read(self, item: Item) -> _Read:
+        """Stat (a listing's input: before reading, so a change in between is seen next run) and read."""
+        t0 = time.perf_counter()
+        read = _Read()
+        try:
+            if item.version is None and self.config.run_id:
+                read.stat = stat_input(item.uri, self.config.storage_options)
+            cfg = self.config
+            plain_pixels = cfg.srgb or cfg.strip_metadata
+            read.image, read.input_bytes = read_image(
+                item, cfg.storage_options, cfg.max_pixels, keep_icc=not plain_pixels and "icc" in self.keeps,
+                keep_metadata=not cfg.strip_metadata,
+                keep_source=self.capabilities.restores_original and not plain_pixels)
+        except Exception as e:   # raised in its own item's read stage, so it fails that row only
+            read.error = e
+        read.ms = (time.perf_counter() - t0) * 1000.0
+        return read
+
+    def _prepare(self, timed: TimedCodec, image: DecodedImage, name: str, qmap: np.ndarray | None) -> Any:
+        """The codec's ``prepare`` of this item: from a batch made with the items after it in
+        the shard (codecs with ``prepare_batch``, ``batch`` > 1), else on its own."""
+        if self.spatial:
+            return timed.prepare(image.pixels, qmap)
+        if self.capabilities.embeds:
+            return timed.prepare(image.pixels, extras=image.extras)
+        ready = self._batched.pop(name, None)
+        if ready is not None:
+            timed.ms["prepare"] += ready[1]
+            return ready[0]
+        group = self._batch_after(name, image)
+        if len(group) > 1:
+            t0 = time.perf_counter()
+            try:
+                prepared = self.codec.prepare_batch([im.pixels for _, im in group])
+            except Exception:   # e.g. out of memory for the batch: each item on its own instead
+                prepared = None
+            if prepared is not None:
+                share = (time.perf_counter() - t0) * 1000.0 / len(group)
+                for (other, _), p in zip(group[1:], prepared[1:]):
+                    self._batched[other] = (p, share)
+                timed.ms["prepare"] += share
+                return prepared[0]
+        return timed.prepare(image.pixels)
+
+    def _batch_after(self, name: str, image: DecodedImage) -> list[tuple[str, DecodedImage]]:
+        """This item and the next ones of its shard of the same size (read ahead, waiting for
+        their reads), up to ``batch``; none larger than the codec's tile."""
+        group = [(name, image)]
+        ahead = self._ahead
+        tile = getattr(self.codec, "tile", 0) or 0
+        if self.batch <= 1 or ahead is None or (tile and max(image.width, image.height) > tile):
+            return group
+        i = next((k for k in range(len(ahead)) if ahead.item(k).relpath == name), None)
+        if i is None:
+            return group
+        shape = image.pixels.shape
+        for j in range(i + 1, i + self.batch):
+            other = ahead.item(j)
+            if other is None:
+                break
+            read = ahead.peek(j)
+            if read.error is not None or read.image is None or read.image.pixels.shape != shape \
+                    or (tile and max(read.image.width, read.image.height) > tile):
+                break
+            group.append((other.relpath, read.image))
+        return group
 
     def keep_what_travels(self, image: DecodedImage, row: dict[str, Any]) -> None:
         """Fit the image's extras to what the output keeps, and say in the row what travelled.
@@ -215,8 +320,7 @@ class Compressor(ItemProcessor):
         t0 = time.perf_counter()
         timed = TimedCodec(codec)
         caps = self.capabilities
-        args = (image.pixels, qmap) if self.spatial else (image.pixels,)
-        prepared = timed.prepare(*args, extras=image.extras) if caps.embeds else timed.prepare(*args)
+        prepared = self._prepare(timed, image, name, qmap)
         if caps.plain_file:
             overhead, sections = 0, {}
         else:   # the container's sections carry the extras, and count in the target
@@ -231,7 +335,11 @@ class Compressor(ItemProcessor):
             value = codec.control.low
             outcome = Outcome(value, timed.encode(prepared, value), "ok", None, encodes=1)
         else:
-            outcome = search(timed, prepared, image.pixels, target, overhead)
+            shard = getattr(self, "_shard", None)
+            start = self._warm[1] if self._warm is not None and self._warm[0] == shard else None
+            outcome = search(timed, prepared, image.pixels, target, overhead, start=start)
+            if outcome.status == "ok" and not codec.control.discrete:
+                self._warm = (shard, outcome.value)
         if caps.plain_file:
             blob = outcome.payload
         else:
@@ -260,7 +368,10 @@ class Compressor(ItemProcessor):
             stages.append("metrics")
         else:
             stages.append("metrics")
-            restored = None if exact else codec.decode(outcome.payload, w, h, outcome.value)
+            # A codec with ``reconstruct`` gives the decoder's very pixels without decoding the
+            # stream (``verify`` checks that equality on every item it verifies).
+            restored = None if exact else (timed.reconstruct(prepared, outcome.value) if caps.reconstruct
+                                           else codec.decode(outcome.payload, w, h, outcome.value))
         if exact:   # the input file comes back byte for byte: its picture is the input's
             p, q = float("inf"), (1.0 if self.config.ms_ssim else None)
         else:
