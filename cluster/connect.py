@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
+_embedded = False   # whether this process's Ray is one connect() started here (it never gains nodes)
 
 
 def quiet_ray_environment() -> None:
@@ -40,6 +41,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     ``address`` may be ``auto``, ``HOST:PORT`` or ``ray://HOST:10001``. With no address and
     no ``RAY_ADDRESS``, a local Ray starts inside this process tree.
     """
+    global _embedded
     quiet_ray_environment()
     import ray
 
@@ -48,21 +50,28 @@ def connect(address: str | None = None, *, num_cpus: int | None = None) -> bool:
     kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": False}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None, **kwargs)
+        _embedded = False
     else:
         loopback_only()
         # address="local" always starts a fresh Ray here rather than joining a `ray start`
         # cluster found on this machine: joining one is what --address is for.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK, **kwargs)
+        _embedded = True
     return True
 
 
-def cluster_gpus() -> float:
+def embedded() -> bool:
+    """Whether this process is connected to an embedded Ray that ``connect`` started: a single
+    node that no other node can join, so asking it for resources it lacks only waits forever."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0.0))
+    return _embedded and ray.is_initialized()
 
 
-def cluster_cpus() -> float:
+def alive_nodes() -> list[tuple[str, dict[str, float]]]:
+    """(node id, total resources) of every node of the cluster that is alive now (one GCS call)."""
     import ray
 
-    return float(ray.cluster_resources().get("CPU", 1.0))
+    return [(str(n["NodeID"]), {k: float(v) for k, v in (n.get("Resources") or {}).items()})
+            for n in ray.nodes() if n.get("Alive")]
+

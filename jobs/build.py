@@ -82,7 +82,10 @@ def plan_shards(spec: JobSpec, items: Iterable[Item] | None = None) -> Iterator[
 
 
 def codec_device(spec: JobSpec) -> str:
-    """Where the job's codec wants to run, from the registry (no model is loaded)."""
+    """Where the job's codec wants to run, from the registry (no model is loaded); a codec told
+    ``device: cpu`` in its options runs there, so its workers ask for no GPU."""
+    if spec.codec_options.get("device") == "cpu":
+        return "cpu"
     return preferred_device(spec.codec, **spec.codec_kwargs())
 
 

@@ -51,8 +51,13 @@ def _json_arg(text: str) -> dict[str, Any]:
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray, or the cluster "
                                      "that `ray job submit` runs this on)")
-    p.add_argument("--workers", type=int, help="number of codec actors (default: one per CPU, or per GPU "
-                                               "for GPU codecs)")
+    p.add_argument("--workers", type=int, help="a fixed number of codec actors (default: follow the cluster as "
+                                               "nodes join and leave: one per CPU, for CUDA codecs up to 8 per GPU)")
+    p.add_argument("--min-workers", dest="min_workers", type=int, metavar="N",
+                   help="start processing only once N workers are ready (default 1)")
+    p.add_argument("--worker-wait", dest="worker_wait_s", type=float, metavar="S",
+                   help="how long to wait for --min-workers workers (and, mid-job, for any worker after all "
+                        "were lost) before the job stops, resumable (default 600)")
     p.add_argument("--shard-size", type=int, help="items per shard / manifest part (default 16)")
     p.add_argument("--storage-options", type=_json_arg,
                    help='fsspec storage options as JSON, e.g. \'{"endpoint_url": "http://127.0.0.1:8333"}\'')
@@ -63,7 +68,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                         "at its stage, its worker is replaced and the shard goes on (default 600)")
     p.add_argument("--overwrite", action="store_true", default=None, help="discard an earlier run in OUTPUT and start over")
     p.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show the progress bar")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="never show the progress bar")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="show neither the progress bar nor progress lines")
+    p.add_argument("--progress-every", dest="progress_every_s", type=float, metavar="S",
+                   help="where the bar is off (output not a terminal, or CI set): write a progress line to stderr "
+                        "every S seconds (default 30)")
     p.add_argument("--in-process", action="store_true", default=None,
                    help="run the shards in this process, one after another, without Ray (small jobs, debugging)")
 
@@ -135,7 +144,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "strip_metadata", "srgb", "min_savings", "layout", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "item_timeout_s", "address", "workers", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "strip_metadata", "srgb", "min_savings", "layout", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "item_timeout_s", "progress_every_s", "address", "workers", "min_workers", "worker_wait_s", "shard_size", "storage_options",
                 "overwrite", "progress", "in_process")
 
 

@@ -54,6 +54,7 @@ class RunState:
     resumed_shards: int = 0
     retried_shards: int = 0
     failed_shards: int = 0
+    workers: dict[str, int] | None = None   # the pool's workers_stats() (None: no pool ran)
 
 
 def prepare_output(spec: JobSpec, fs, root: str) -> None:
@@ -97,24 +98,28 @@ def run_shards(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass) -> dict[s
     return finish(spec, fs, root, state, time.time() - t_start)
 
 
-def run_pass(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass) -> RunState:
+def run_pass(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass, total: int | None = None) -> RunState:
     """Process ``shards`` until each has a committed part under ``OUTPUT/<job_pass.manifest_dir>``.
 
     A plain job has one pass; a budget job has a probe pass, the encode pass and a correction
-    pass, each with its own parts folder (so each resumes on its own).
+    pass, each with its own parts folder (so each resumes on its own). ``total``: the pass's item
+    count where the caller already knows it (progress then shows an ETA); shards are streamed,
+    so it is not counted here.
     """
     set_retry_window(spec.storage_retry_s)
     fs, root = open_fs(spec.output, spec.storage_options)
     manifest_root = f"{root}/{job_pass.manifest_dir}"
     state = RunState()
-    progress = Progress(spec.progress, job_pass.name)
+    progress = Progress(spec.progress, job_pass.name, every_s=spec.progress_every_s, total=total)
     pool = None
+    completed = False
     try:
         # The pool starts (and checks) the workers first: a codec that cannot be built stops
         # the job here, with OUTPUT untouched.
         pool = open_pool(job_pass.config, job_pass.device, in_process=spec.in_process,
                          storage_retry_s=spec.storage_retry_s, address=spec.address, workers=spec.workers,
-                         gpus_per_worker=spec.gpus_per_worker)
+                         gpus_per_worker=spec.gpus_per_worker, min_workers=spec.min_workers,
+                         worker_wait_s=spec.worker_wait_s)
         with_retries(lambda: prepare_output(spec, fs, root), f"prepare {redact(spec.output)}")
         done = existing_parts(fs, manifest_root) if job_pass.resume == RESUME_BY_SHARD else set()
 
@@ -124,7 +129,7 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass) -> RunState
                 state.planned[shard.index] = _Planned(len(uris), shard_fingerprint(uris))
                 if shard.index in done:
                     state.resumed_shards += 1
-                    progress.advance(len(shard.items), 0)
+                    progress.advance(len(shard.items), 0, resumed=True)
                     continue
                 yield shard
 
@@ -132,7 +137,8 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass) -> RunState
             shard = result.shard
             if result.summary is not None:
                 state.stats[shard.index] = result.summary["stats"]
-                progress.advance(result.summary["items"], result.summary["input_bytes"])
+                progress.advance(result.summary["items"], result.summary["input_bytes"],
+                                 errors=result.summary["statuses"].get("error", 0))
                 continue
             state.failed_shards += 1
             # A part committed before the failures (they came after it) stands.
@@ -141,10 +147,12 @@ def run_pass(spec: JobSpec, shards: Iterator[Shard], job_pass: Pass) -> RunState
                 rows = _failed_rows(shard, job_pass.schema, result.attempts, result.failure or "failed")
                 write_part(fs, manifest_root, shard.index, rows, job_pass.schema)
             state.stats[shard.index] = part_stats(rows)
-            progress.advance(len(shard.items), 0)
+            progress.advance(len(shard.items), 0, errors=state.stats[shard.index]["statuses"].get("error", 0))
         state.retried_shards = pool.retried
+        state.workers = pool.workers_stats()
+        completed = True
     finally:
-        progress.close()
+        progress.close(completed)
         if pool is not None:
             pool.close()
     return state
@@ -194,6 +202,7 @@ def finish(spec: JobSpec, fs, root: str, state: RunState, wall_s: float, manifes
         "resumed_shards": state.resumed_shards,
         "retried_shards": state.retried_shards,
         "failed_shards": state.failed_shards,
+        "workers": state.workers,
         "input_bytes": in_bytes,
         "output_bytes": out_bytes,
         "wall_s": round(wall_s, 3),

@@ -79,8 +79,10 @@ class JobSpec:
     layout: str = "files"               # "files": one object per output; "webdataset": one tar per shard
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
     shard_size: int = 16
-    workers: int | None = None         # actors; default: one per CPU (or per GPU for GPU codecs)
-    gpus_per_worker: float | None = None  # None: 1 when the codec runs on CUDA and the cluster has GPUs
+    workers: int | None = None         # actors, a fixed number; default: follow the cluster (jobs/pool.py)
+    gpus_per_worker: float | None = None  # None: a share of a GPU per CUDA codec actor, sized by the nodes
+    min_workers: int = 1               # start processing once this many actors are ready (not hashed)
+    worker_wait_s: float = 600.0       # ... waiting at most this long for them (not hashed)
     max_pixels: int = DEFAULT_MAX_PIXELS
     ms_ssim: bool = True
     verify: bool = False               # decode each stored file back on the worker (not hashed: outputs are the same)
@@ -92,7 +94,8 @@ class JobSpec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     address: str | None = None         # Ray address; None = embedded local Ray (or the submitting cluster)
     in_process: bool = False           # run the shards in this process, without Ray (small jobs, debugging)
-    progress: bool | None = None       # None: a bar only on a terminal and when CI is unset
+    progress: bool | None = None       # None: a bar on a terminal outside CI, else log lines; False: neither
+    progress_every_s: float = 30.0     # seconds between progress lines in logs (not hashed: outputs are the same)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -166,9 +169,22 @@ class JobSpec:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise SpecError(f"item_timeout_s: must be a number of seconds > 0, got {v!r}")
         self.item_timeout_s = float(v)
+        v = self.progress_every_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SpecError(f"progress_every_s: must be a number of seconds > 0, got {v!r}")
+        self.progress_every_s = float(v)
         if self.workers is not None and (not isinstance(self.workers, int) or isinstance(self.workers, bool)
                                          or self.workers < 1):
             raise SpecError(f"workers: must be a positive integer, got {self.workers!r}")
+        v = self.min_workers
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise SpecError(f"min_workers: must be a positive integer, got {v!r}")
+        if self.workers is not None and v > self.workers:
+            raise SpecError(f"min_workers: {v} is more than the {self.workers} workers asked for (--workers)")
+        v = self.worker_wait_s
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SpecError(f"worker_wait_s: must be a number of seconds > 0, got {v!r}")
+        self.worker_wait_s = float(v)
         if self.gpus_per_worker is not None:
             try:
                 gpus = float(self.gpus_per_worker)

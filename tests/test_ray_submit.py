@@ -4,12 +4,9 @@ recompress entrypoint with a YAML spec, exactly as the README shows."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
+import re
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -18,38 +15,19 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import ray_cluster
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    bin_dir = Path(sys.executable).parent
-    # Every port ray start would otherwise take at a fixed default (the dashboard agent's
-    # 52365, the client server's 10001) is chosen free, so an embedded Ray of another test
-    # in this session cannot collide with it.
-    gcs_port, dash_port, agent_port, client_port = free_port(), free_port(), free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rf-", dir="/tmp")   # keeps its ray_current_cluster apart
-    # A single-machine cluster on loopback: see ratefit.cluster.connect.loopback_only.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
-         f"--dashboard-agent-listen-port={agent_port}", f"--ray-client-server-port={client_port}",
-         "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash_port}"
-    try:
+    """A head with 2 CPUs and its dashboard (the job server) on 127.0.0.1 (conftest.ray_cluster)."""
+    with ray_cluster(num_cpus=2, dashboard=True) as cluster:
+        url = cluster.dashboard_url
         deadline = time.monotonic() + 120
         while True:
-            if head.poll() is not None:
-                pytest.fail(f"ray start exited early:\n{head.stdout.read().decode(errors='replace')[-3000:]}")
+            if cluster.head.poll() is not None:
+                pytest.fail("ray start exited early:\n"
+                            f"{(Path(cluster.temp_dir) / 'head.log').read_text(errors='replace')[-3000:]}")
             if time.monotonic() > deadline:
                 pytest.fail("the Ray dashboard (job server) did not come up in 120 s")
             try:
@@ -59,14 +37,7 @@ def ray_head():
                 break   # it answers (401 until a token is sent): it is up
             except OSError:
                 time.sleep(1)
-        yield url, env, f"127.0.0.1:{gcs_port}"
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(10)   # `ray start --block` has not once exited on SIGTERM within 30 s here
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(10)
+        yield url, cluster.env, cluster.address
 
 
 def test_ray_job_submit_runs_the_recompress_entrypoint(ray_head, photo_dir, tmp_path):
@@ -74,7 +45,7 @@ def test_ray_job_submit_runs_the_recompress_entrypoint(ray_head, photo_dir, tmp_
     out = tmp_path / "out"
     spec = tmp_path / "job.yaml"
     spec.write_text(yaml.safe_dump({"input": str(photo_dir), "output": str(out), "codec": "jpeg",
-                                    "target_bpp": 0.6, "shard_size": 1}))
+                                    "target_bpp": 0.6, "shard_size": 1, "progress_every_s": 0.5}))
     ray = str(Path(sys.executable).parent / "ray")
     deadline = time.monotonic() + 90
     while True:   # the job agent comes up a few seconds after the dashboard
@@ -89,6 +60,8 @@ def test_ray_job_submit_runs_the_recompress_entrypoint(ray_head, photo_dir, tmp_
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log.lower()
     assert "3 items: 3 ok" in log
+    # Not a terminal under Ray: progress comes as lines in the job log, the final one at the end.
+    assert re.search(r"ratefit compress: done, 3 items in \S+, [\d.]+ img/s, [\d.]+ MB/s, 0 errors", log), log[-4000:]
     summary = json.loads((out / "_SUCCESS").read_text())
     assert summary["statuses"] == {"ok": 3} and summary["shards"] == 3
     rows = pq.read_table(str(out / "_manifest")).to_pylist()
