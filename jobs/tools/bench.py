@@ -76,6 +76,31 @@ def versions() -> dict[str, str]:
     return out
 
 
+class GpuSampler:
+    """GPU utilisation (%) sampled every 200 ms by ``nvidia-smi`` while a run goes on: the mean
+    says whether the GPU waited on the CPU (entropy coding, reading). None without a GPU."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "GpuSampler":
+        exe = shutil.which("nvidia-smi")
+        if exe:
+            self.proc = subprocess.Popen([exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                          "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate(timeout=10)
+            self.samples = [float(x) for x in out.split() if x.replace(".", "", 1).isdigit()]
+
+    def mean(self) -> float | None:
+        samples = getattr(self, "samples", None)
+        return round(sum(samples) / len(samples), 1) if samples else None
+
+
 def _stage_totals(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Mean ms per item of each stage over the ok/unreachable rows."""
     done = [r for r in rows if r["status"] in ("ok", "unreachable")]
@@ -124,10 +149,12 @@ def run_pipeline_vs_naive(args: argparse.Namespace) -> dict[str, Any]:
                        codec_options=args.codec_options or {}, weights=args.weights, target_bpp=args.target_bpp,
                        workers=args.workers, shard_size=args.shard_size, progress=False)
         t0 = time.perf_counter()
-        summary = compress.run(spec)
+        with GpuSampler() as gpu_pipeline:
+            summary = compress.run(spec)
         pipeline_s = time.perf_counter() - t0
         pipeline_rows = ds.dataset(str(work / "pipeline" / "_manifest")).to_table().to_pylist()
-        naive_s, naive_rows = _naive(spec, str(work / "naive"))
+        with GpuSampler() as gpu_naive:
+            naive_s, naive_rows = _naive(spec, str(work / "naive"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     n = summary["items"]
@@ -141,6 +168,8 @@ def run_pipeline_vs_naive(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline_statuses": summary["statuses"],
         "naive_statuses": {s: sum(r["status"] == s for r in naive_rows) for s in {r["status"] for r in naive_rows}},
         "stage_ms_per_image": {"pipeline": _stage_totals(pipeline_rows), "naive": _stage_totals(naive_rows)},
+        "gpu_utilisation_pct": {"pipeline": gpu_pipeline.mean(), "naive": gpu_naive.mean()},
+        "pipeline_workers": summary.get("workers"),
         "machine": machine(), "versions": versions(),
         "command": "ratefit bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
     }
@@ -157,6 +186,9 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{name:<10} {r[f'{name}_images_per_s']:>9.3f} {r[f'{name}_wall_s']:>8.1f}   "
               + " ".join(f"{st[c]:>9.1f}" for c in STAGE_COLUMNS))
     print(f"pipeline / naive: {r['pipeline_vs_naive']:.2f}x")
+    gpu = r.get("gpu_utilisation_pct") or {}
+    if gpu.get("pipeline") is not None:
+        print(f"GPU utilisation: pipeline {gpu['pipeline']:.0f}%, naive {gpu['naive'] or 0:.0f}%")
 
 
 # ------------------------------------------------------------------------------------- driver
