@@ -86,6 +86,13 @@ class GainHyperpriorRoiCodec(GainHyperpriorCodec):
                     + 8 * (len(prepared.side) + _LEN.size))
 
     @torch.inference_mode()
+    def estimate_exact(self, prepared: RoiPrepared, value: float) -> float:
+        field = self.level_map(prepared.grid, value, self.span)
+        with self._lock:
+            return (self.model.estimate_bits(prepared.y, value, field, exact=True)
+                    + 8 * (len(prepared.side) + _LEN.size))
+
+    @torch.inference_mode()
     def encode(self, prepared: RoiPrepared, value: float) -> bytes:
         field = self.level_map(prepared.grid, value, self.span)
         with self._lock:

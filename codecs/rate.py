@@ -31,6 +31,10 @@ TARGET_KINDS = ("bpp", "bytes", "psnr")
 RATE_TOLERANCE = 0.005      # continuous codecs: land within 0.5% below a rate ceiling
 PSNR_TOLERANCE_DB = 0.02    # continuous codecs: land within 0.02 dB above a PSNR target
 MAX_CORRECTIONS = 4
+# The estimate is solved into the upper part of the window only: the real size sits a few bytes
+# below an estimate (the coder's flush is priced at its worst case), and an estimate at the
+# window's lower edge put the real size just under it, costing two more encodes.
+ESTIMATE_TOLERANCE = 0.6 * RATE_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,7 @@ class _Probe:
         self.payloads: dict[float, bytes] = {}
         self.psnrs: dict[float, float] = {}
         self.bits: dict[float, float | None] = {}
+        self.exact: dict[float, float] = {}
         self.encodes = 0
         self.estimates = 0
 
@@ -98,6 +103,13 @@ class _Probe:
             if self.bits[value] is not None:
                 self.estimates += 1
         return self.bits[value]
+
+    def exact_bits(self, value: float) -> float:
+        """The codec's ``estimate_exact`` (its coder's own price, dearer than ``estimate``)."""
+        if value not in self.exact:
+            self.exact[value] = self.codec.estimate_exact(self.prepared, value)
+            self.estimates += 1
+        return self.exact[value]
 
 
 def search(codec: Codec, prepared: Any, image: np.ndarray, target: Target, overhead: int,
@@ -316,6 +328,7 @@ def _continuous_rate(codec: Codec, probe: _Probe, budget: int, start: float | No
         v = _value_of(codec, 0.0)
         return Outcome(v, probe.payload(v), "unreachable", "target leaves no room for a payload", 0)
     has_estimate = probe.estimate_bits(_value_of(codec, 0.0 if start is None else start)) is not None
+    exact = callable(getattr(codec, "estimate_exact", None))
 
     def real_bytes(u: float) -> float:
         return float(probe.size(_value_of(codec, u)))
@@ -327,8 +340,11 @@ def _continuous_rate(codec: Codec, probe: _Probe, budget: int, start: float | No
         # missed by (either way) until the real size lands in [budget*(1-tol), budget].
         aim, best = float(budget), None
         for _ in range(MAX_CORRECTIONS):
-            u, _ = _solve_below(lambda x: probe.estimate_bits(_value_of(codec, x)) / 8.0, aim, RATE_TOLERANCE,
+            u, _ = _solve_below(lambda x: probe.estimate_bits(_value_of(codec, x)) / 8.0, aim, ESTIMATE_TOLERANCE,
                                 guess=start)
+            if exact:   # a cheap estimate lands near; the coder's own price settles it before encoding
+                u, _ = _solve_below(lambda x: probe.exact_bits(_value_of(codec, x)) / 8.0, aim, ESTIMATE_TOLERANCE,
+                                    guess=u)
             start = u   # a correction re-solves from where the last try landed
             real = real_bytes(u)
             if real <= budget and (best is None or real > real_bytes(best)):

@@ -11,6 +11,8 @@ session's embedded Ray; the cluster's token and loopback settings are its enviro
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +71,16 @@ def _finish(driver: subprocess.Popen, log: Path, out: Path, names: list[str]) ->
     return summary
 
 
+def _wait_node(cluster, node: subprocess.Popen, timeout: float = 180) -> None:
+    """Until the joining node's `ray start` says its runtime is up."""
+    log = Path(cluster.temp_dir) / f"node-{cluster.nodes.index(node)}.log"
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in (log.read_text(errors="replace") if log.exists() else ""):
+        if node.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the joining node did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
 def _shard_workers(cluster) -> int:
     """ShardWorker actor processes of ``cluster``'s nodes: children of its raylets (a raylet
     runs in its `ray start`'s session; an actor's process gets a session of its own), so the
@@ -93,7 +105,14 @@ def test_a_node_joining_mid_job_gets_workers_and_one_leaving_loses_nothing(sampl
         try:
             _wait("first committed shard", lambda: _parts(out) >= 1, driver, log)
             assert _shard_workers(cluster) == 1
-            node = cluster.add_node(num_cpus=2)
+            # The driver is paused while the node starts (on a busy machine `ray start` can take
+            # longer than the whole job), then the pool must find the node by itself.
+            os.kill(driver.pid, signal.SIGSTOP)
+            try:
+                node = cluster.add_node(num_cpus=2)
+                _wait_node(cluster, node)
+            finally:
+                os.kill(driver.pid, signal.SIGCONT)
             _wait("workers on the new node", lambda: _shard_workers(cluster) >= 3, driver, log)
             grown_at = _parts(out)
             _wait("shards done by the grown pool", lambda: _parts(out) >= grown_at + 3, driver, log)

@@ -82,6 +82,8 @@ class TimedCodec:
         self.ms: Counter[str] = Counter()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "estimate_exact" and hasattr(self._codec, name):   # timed with the estimates
+            return lambda prepared, value: self._timed("estimate_exact", prepared, value)
         return getattr(self._codec, name)
 
     def _timed(self, method: str, *args: Any) -> Any:
@@ -349,7 +351,7 @@ class Compressor(ItemProcessor):
         exact = self.exact_original(outcome.payload, image) if caps.restores_original else None
         t1 = time.perf_counter()
         row.update(encode_ms=(t1 - t0) * 1000.0, analysis_ms=timed.ms["prepare"], refine_ms=timed.ms["refine"],
-                   search_ms=timed.ms["estimate"] + timed.ms["decode"], entropy_ms=timed.ms["encode"],
+                   search_ms=timed.ms["estimate"] + timed.ms["estimate_exact"] + timed.ms["decode"], entropy_ms=timed.ms["encode"],
                    refine_steps=steps, exact_original=exact, rate_param=outcome.value, encodes=outcome.encodes,
                    estimates=outcome.estimates)
         if self.not_smaller(len(blob), row, name):
