@@ -308,10 +308,12 @@ def _solve_below(rate: Callable[[float], float], limit: float, tol: float, iters
             break
         width = hi - lo
         (u0, q0), (u1, q1) = prev, last
-        if slow >= 2 or not (q0 > 0 and q1 > 0 and q0 != q1 and u0 != u1):
+        # Two rates a few ulps apart have equal logs (a flat stretch of the curve): bisect.
+        dlog = math.log(q1) - math.log(q0) if q0 > 0 and q1 > 0 else 0.0
+        if slow >= 2 or dlog == 0.0 or u0 == u1:
             u, slow = 0.5 * (lo + hi), 0
         else:
-            u = u1 + (log_limit - math.log(q1)) * (u1 - u0) / (math.log(q1) - math.log(q0))
+            u = u1 + (log_limit - math.log(q1)) * (u1 - u0) / dlog
             u = min(max(u, lo + 0.02 * width), hi - 0.02 * width)
         r = rate(u)
         if r <= limit:

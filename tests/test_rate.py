@@ -382,3 +382,14 @@ def test_continuous_psnr_met_at_the_lowest_rate():
     out = _run(codec, Target("psnr", 5.0))
     assert out.status == "ok"
     assert out.value == _lowest_rate(codec.control)
+
+
+def test_a_flat_stretch_whose_rates_differ_by_ulps_bisects_instead_of_dividing_by_zero():
+    from ratefit.codecs.rate import _solve_below
+
+    # Rates a few ulps apart over most of the range (a saturated learned model), then a step.
+    def rate(u: float) -> float:
+        return 2000.0 if u > 0.9 else 1000.0 * (1.0 + u * 1e-15)
+
+    u, r = _solve_below(rate, 1500.0, 0.01)
+    assert r <= 1500.0 and 0.85 < u <= 0.9
