@@ -49,6 +49,7 @@ class Capabilities:
     reconstruct: bool = False          # reconstruct(prepared, value): the decoder's picture, no entropy coding
     refine: bool = False               # refine(prepared, image, value, steps): latent refinement
     batch: bool = False                # prepare_batch(images): one analysis pass for images of one padded size
+    progressive: bool = False          # decode_progressive(payload, w, h, value, groups): a preview from the first groups
     tiles: bool = False                # a settable ``tile`` (pixels): out-of-memory retries shrink it
     per_payload_weights: bool = False  # weights_sha256_of(payload): one network per quality, named per payload
     sweep: tuple[float, float] | None = None   # where fixed-value R-D sweeps spread (default: the whole range)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ratefit.codecs.base import CodecError, Extras
+from ratefit.codecs.base import CodecError, Extras, capabilities_of
 
 MAGIC = b"RFIC"
 FORMAT_VERSION = 2
@@ -215,13 +215,19 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
     return header, payload
 
 
-def decode_checked(codec, header: Header, payload: bytes) -> np.ndarray:
+def decode_checked(codec, header: Header, payload: bytes, groups: int | None = None) -> np.ndarray:
     """The codec's picture for a parsed container, held to the size its header gives.
 
     The one decode of a container's payload (``ratefit decompress``, ``--verify``, the reading
     API and the Pillow plugin): a codec error or a picture of the wrong shape is a CodecError.
+    ``groups``: decode only the first latent groups (a preview; codecs declaring ``progressive``).
     """
-    pixels = codec.decode(payload, header.width, header.height, header.value)
+    if groups is None:
+        pixels = codec.decode(payload, header.width, header.height, header.value)
+    elif capabilities_of(codec).progressive:
+        pixels = codec.decode_progressive(payload, header.width, header.height, header.value, groups)
+    else:
+        raise CodecError(f"{header.codec} does not decode progressively (no latent groups to stop after)")
     if not isinstance(pixels, np.ndarray) or pixels.shape != (header.height, header.width, 3) \
             or pixels.dtype != np.uint8:
         got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__

@@ -24,7 +24,7 @@ _entry_points_loaded = False
 _BUILTIN = {"jpeg": "ratefit.codecs.pillow", "webp": "ratefit.codecs.pillow", "avif": "ratefit.codecs.pillow",
             "jxl": "ratefit.codecs.jxl", "jxl-lossless": "ratefit.codecs.jxl",
             "gain-hyperprior": "ratefit.codecs.gain_hyperprior",
-            "gain-hyperprior-roi": "ratefit.codecs.gain_hyperprior_roi"}
+            "gain-hyperprior-roi": "ratefit.codecs.gain_hyperprior_roi", "qarv": "ratefit.codecs.qarv"}
 # CompressAI's zoo (``codecs/zoo.py``); named here so listing them does not import torch.
 ZOO_NAMES = ("bmshj2018-hyperprior", "mbt2018-mean", "bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr",
              "mbt2018", "cheng2020-anchor", "cheng2020-attn")

@@ -110,7 +110,8 @@ def build_pass(spec: JobSpec, name: str, run_id: str | None = None) -> Pass:
         config: Any = DecompressConfig(output=spec.output, storage_options=spec.storage_options,
                                        codec_options={spec.codec: spec.codec_kwargs()} if spec.codec_options else {},
                                        learned_options=weights_options({}, spec.weights, spec.storage_options),
-                                       max_pixels=spec.max_pixels, item_timeout_s=spec.item_timeout_s)
+                                       max_pixels=spec.max_pixels, item_timeout_s=spec.item_timeout_s,
+                                       progressive=spec.progressive)
         return Pass(name, config, DECOMPRESS_SCHEMA, MANIFEST_DIR, "cpu", RESUME_BY_SHARD)
     device = codec_device(spec)
     if name == "probe":

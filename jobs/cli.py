@@ -87,6 +87,9 @@ def add_decompress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", nargs="?", help="folder for the restored PNGs")
     p.add_argument("--max-pixels", type=int, help="refuse containers claiming more pixels than this "
                                                   "(checked before decoding; default 100 MP)")
+    p.add_argument("--progressive", type=int, metavar="K",
+                   help="decode only the first K latent groups of each stream: a coarser preview from the same "
+                        "file (codecs that decode coarse-to-fine: qarv); other codecs' items become error rows")
     add_weights_argument(p)
     add_common_arguments(p)
 
@@ -144,7 +147,7 @@ def add_compress_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_FIELDS = ("input", "output", "codec", "codec_options", "weights", "target_bpp", "target_bytes", "target_psnr",
-                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "strip_metadata", "srgb", "min_savings", "layout", "extensions", "max_pixels", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "item_timeout_s", "progress_every_s", "address", "workers", "min_workers", "worker_wait_s", "shard_size", "storage_options",
+                "budget_bytes", "budget_bpp", "min_psnr", "objective", "probes", "qmap", "refine_steps", "strip_metadata", "srgb", "min_savings", "layout", "extensions", "max_pixels", "progressive", "ms_ssim", "verify", "retire_originals", "retire_to", "storage_retry_s", "item_timeout_s", "progress_every_s", "address", "workers", "min_workers", "worker_wait_s", "shard_size", "storage_options",
                 "overwrite", "progress", "in_process")
 
 

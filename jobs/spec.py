@@ -32,7 +32,7 @@ LISTING_SUFFIXES = (".parquet", ".csv")
 # them for compress jobs: each row records its own, and an incremental run re-plans the items
 # whose codec or target changed instead of refusing the job.
 _HASH_OUTPUT = {"kind": None, "codec_options": {}, "weights": None, "qmap": None, "refine_steps": 0,
-                "strip_metadata": False, "srgb": False, "min_savings": 0.0}
+                "strip_metadata": False, "srgb": False, "min_savings": 0.0, "progressive": None}
 # Jobs that resume by shard (budget, decompress) also need the same shards and, for budgets, the plan.
 _HASH_SHARDS = {"input": None, "extensions": None, "shard_size": None, "max_pixels": None}
 _HASH_BUDGET = {"codec": None, "budget_bytes": None, "budget_bpp": None, "min_psnr": None, "objective": "psnr",
@@ -84,6 +84,7 @@ class JobSpec:
     min_workers: int = 1               # start processing once this many actors are ready (not hashed)
     worker_wait_s: float = 600.0       # ... waiting at most this long for them (not hashed)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    progressive: int | None = None     # decompress jobs: decode only the first K latent groups (a preview; qarv)
     ms_ssim: bool = True
     verify: bool = False               # decode each stored file back on the worker (not hashed: outputs are the same)
     retire_originals: bool = False     # delete each original once its verified row is committed (implies verify)
@@ -165,6 +166,12 @@ class JobSpec:
         v = self.storage_retry_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise SpecError(f"storage_retry_s: must be a number of seconds >= 0, got {v!r}")
+        v = self.progressive
+        if v is not None:
+            if self.kind != "decompress":
+                raise SpecError("progressive: applies to decompress jobs only")
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise SpecError(f"progressive: must be a number of latent groups >= 0, got {v!r}")
         v = self.item_timeout_s
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise SpecError(f"item_timeout_s: must be a number of seconds > 0, got {v!r}")

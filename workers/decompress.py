@@ -76,6 +76,7 @@ class DecompressConfig:
     # --weights without --codec: for every codec in the containers that takes weights
     learned_options: dict[str, Any] = field(default_factory=dict)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    progressive: int | None = None        # decode only the first K latent groups (codecs with ``progressive``)
     item_timeout_s: float | None = 600.0  # --item-timeout: an item past it is an error row (processor.py)
 
 
@@ -92,10 +93,11 @@ def check_container(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     return header, payload
 
 
-def decode_payload(codec: Codec, header: container.Header, payload: bytes) -> np.ndarray:
-    """The codec's picture for a checked container; a codec failure is an ItemError, never a crash."""
+def decode_payload(codec: Codec, header: container.Header, payload: bytes, groups: int | None = None) -> np.ndarray:
+    """The codec's picture for a checked container (the first ``groups`` latent groups only, if
+    given); a codec failure is an ItemError, never a crash."""
     try:
-        return container.decode_checked(codec, header, payload)
+        return container.decode_checked(codec, header, payload, groups)
     except CodecError as e:
         raise ItemError("decode", str(e)) from None
 
@@ -162,7 +164,9 @@ class Restorer:
     """
 
     def __init__(self, codec_options: dict[str, dict[str, Any]] | None = None,
-                 learned_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 learned_options: dict[str, Any] | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 progressive: int | None = None):
+        self.progressive = progressive
         self.codec_options = codec_options or {}
         self.learned_options = learned_options or {}
         self.max_pixels = max_pixels
@@ -202,7 +206,7 @@ class Restorer:
         header, payload = check_container(data, self.max_pixels)
         codec = self.codec_for(header)
         self.check_weights(codec, header, payload)
-        pixels = with_tile_fallback(codec, lambda: decode_payload(codec, header, payload),
+        pixels = with_tile_fallback(codec, lambda: decode_payload(codec, header, payload, self.progressive),
                                     max(header.width, header.height), what)
         return header, pixels
 
@@ -228,6 +232,8 @@ class Restorer:
                                       f"{stored.width * stored.height} pixels, over the limit of "
                                       f"{self.max_pixels} (raise --max-pixels to allow it)")
         codec = self.load(stored.codec)
+        if self.progressive is not None and not capabilities_of(codec).progressive:
+            raise ItemError("decode", f"{stored.codec} does not decode progressively (no latent groups to stop after)")
         original = codec.original_of(data) if capabilities_of(codec).restores_original else None
         if original is not None:
             return Restored(codec, None, NO_EXTRAS, original)
@@ -241,7 +247,8 @@ class Decompressor(ItemProcessor):
     def __init__(self, config: DecompressConfig):
         self.config = config
         self.out_fs, self.out_root = open_fs(config.output, config.storage_options)
-        self.restorer = Restorer(config.codec_options, config.learned_options, config.max_pixels)
+        self.restorer = Restorer(config.codec_options, config.learned_options, config.max_pixels,
+                                 config.progressive)
 
     def codec_for(self, header: container.Header) -> Codec:
         return self.restorer.codec_for(header)
