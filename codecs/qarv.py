@@ -27,7 +27,9 @@ network, so a stream decodes only where that network computes the numbers the en
 By default (``precision="float64"``) the layers that decide the coder's parameters run in
 float64, so float32 rounding (which moves with a convolution's thread count) cannot move a
 scale index; ``precision="float32"`` codes exactly like the authors' code (byte-identical
-streams) and decodes exactly only with the same device kind and thread count. Decoding on
+streams) and decodes exactly only with the same device kind and thread count; a decoder
+follows the precision its stream names (a twin network is built for the other one on first
+need), so restoring takes no option. Decoding on
 another device kind is refused until CPU↔GPU decoding is measured (see README, "QARV").
 ``decode_progressive`` decodes only the first K groups and takes the prior mean for the rest:
 a coarser picture from the same stream.
@@ -35,6 +37,7 @@ a coarser picture from the same stream.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import math
@@ -340,10 +343,15 @@ class Qarv(nn.Module):
         count). The encoder and the synthesis after the last latent only shape pixels and stay
         float32. Streams are then no longer bit-identical to the authors' float32 code.
         """
+        return self.prior_in(torch.float64)
+
+    def prior_in(self, dtype: torch.dtype) -> "Qarv":
+        """The prior path (see ``float64_prior``) in ``dtype``; back to float32 is exact, since
+        the float64 weights are float32 ones widened."""
         for block in self.dec_blocks[:self.stop + 1]:
-            block.double()
-        self.lmb_embedding.double()
-        self.bias.data = self.bias.data.double()
+            block.to(dtype)
+        self.lmb_embedding.to(dtype)
+        self.bias.data = self.bias.data.to(dtype)
         return self
 
     def symbols_per_group(self, h: int, w: int) -> list[int]:
@@ -522,6 +530,15 @@ def checkpoint_bytes(model: Qarv, published_layout: bool = False) -> bytes:
     return buf.getvalue()
 
 
+def untrained_checkpoint(config: QarvConfig = SMALL, seed: int = 0) -> bytes:
+    """A random-initialised network's checkpoint, the same bytes for the same seed: what the
+    decoder-safety tests and the fuzzer code with (a decoder must hold on any weights, and
+    these need no training photos)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return checkpoint_bytes(Qarv(config))
+
+
 # ------------------------------------------------------------------------------------- codec
 
 def pack_strings(device: str, precision: str, strings: list[bytes]) -> bytes:
@@ -594,6 +611,7 @@ class QarvCodec:
         self._device = resolve_device(device)
         model, self.checkpoint_extra = load_checkpoint(weights.data, weights.name)
         self.model = (model.float64_prior() if precision == "float64" else model).to(self._device)
+        self._decoders = {precision: self.model}   # a stream of the other precision gets a twin, once
         self.weights_sha256 = hashlib.sha256(weights.data).digest()
         c = model.config
         self.control = ControlRange("ln_lambda", math.log(c.lmb_low), math.log(c.lmb_high), increasing=True)
@@ -662,9 +680,6 @@ class QarvCodec:
                            groups: int | None) -> np.ndarray:
         """The picture from the first ``groups`` latent groups of the stream (None: all of them)."""
         kind, precision, strings = unpack_strings(payload, self.name)
-        if precision != self.precision:
-            raise CodecError(f"{self.name} stream was written with its prior path in {precision}; this codec runs "
-                             f"it in {self.precision} (pass precision={precision!r})")
         if kind != self.device:
             raise CodecError(f"{self.name} stream was written on {kind} and decodes only there: every latent's "
                              f"distribution comes from the decoder network, whose numbers differ between "
@@ -681,10 +696,18 @@ class QarvCodec:
         guarded = [_guarded(st, n) for st, n in zip(strings, self.model.symbols_per_group(h, w))]
         with self._lock:
             try:
-                x_hat = self.model.decompress(guarded, math.exp(value), h, w, groups)
+                x_hat = self._decoder(precision).decompress(guarded, math.exp(value), h, w, groups)
             except (RuntimeError, ValueError) as e:
                 raise CodecError(f"{self.name} payload does not decode: {e}") from e
         return _to_pixels(x_hat, width, height)
+
+    def _decoder(self, precision: str) -> Qarv:
+        """The network that decodes a stream written with its prior path in ``precision``: a
+        decoder follows the stream (the payload says which), so restoring needs no option."""
+        if precision not in self._decoders:
+            twin = copy.deepcopy(self.model)
+            self._decoders[precision] = twin.prior_in(torch.float64 if precision == "float64" else torch.float32)
+        return self._decoders[precision]
 
 
 def _to_pixels(x_hat: torch.Tensor, width: int, height: int) -> np.ndarray:

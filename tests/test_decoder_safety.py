@@ -173,6 +173,64 @@ def test_jpeg_payload_claiming_a_huge_size_is_refused_before_decoding(payloads, 
         codec.decode(bytes(forged), W, H, 50)
 
 
+# ------------------------------------------------------------------------- QARV (untrained)
+
+@pytest.fixture(scope="module")
+def qarv():
+    """A small random-initialised QARV and a valid payload: its decoder must hold on any weights."""
+    from ratefit.codecs.qarv import QarvCodec, untrained_checkpoint
+
+    codec = QarvCodec(untrained_checkpoint(), device="cpu")
+    mid = (codec.control.low + codec.control.high) / 2
+    return codec, codec.encode(codec.prepare(_photo()), mid), mid
+
+
+def _qarv_framed(strings: list[bytes], kind: int = 0x02) -> bytes:
+    """Strings framed as a well-formed payload (device byte, count, lengths), so rANS sees them."""
+    return bytes([kind, len(strings)]) + b"".join(struct.pack("<I", len(x)) for x in strings) + b"".join(strings)
+
+
+@CASES
+@given(strings=st.lists(st.binary(max_size=600), max_size=8), size=st.tuples(st.integers(1, 200), st.integers(1, 200)))
+def test_qarv_decoder_on_random_strings_of_any_count_and_size(qarv, strings, size):
+    codec, _, mid = qarv
+    _decode_or_codec_error(codec, _qarv_framed(strings), *size, mid)
+
+
+@CASES
+@given(flips=MUTATIONS["flips"], value=st.floats(-3, 4), groups=st.integers(0, 8))
+def test_qarv_decoder_on_flipped_strings_at_any_lambda_and_depth(qarv, flips, value, groups):
+    """Bit flips inside the strings only (the frame stays valid), decoded at any λ and group count."""
+    from ratefit.codecs.qarv import unpack_strings
+
+    codec, good, _ = qarv
+    _, _, strings = unpack_strings(good)
+    body = bytearray(b"".join(strings))
+    for pos, bit in flips:
+        body[pos % len(body)] ^= 1 << bit
+    cut, pos = [], 0
+    for x in strings:
+        cut.append(bytes(body[pos:pos + len(x)]))
+        pos += len(x)
+    payload = _qarv_framed(cut)
+    if groups > codec.model.num_latents:
+        with pytest.raises(CodecError, match="progressive groups|is outside"):
+            codec.decode_progressive(payload, W, H, value, groups)
+        return
+    try:
+        pixels = codec.decode_progressive(payload, W, H, value, groups)
+    except CodecError:
+        return
+    assert pixels.shape == (H, W, 3) and pixels.dtype == np.uint8
+
+
+@CASES
+@given(**MUTATIONS)
+def test_qarv_decoder_on_mutated_payloads(qarv, flips, cut, extra):
+    codec, good, mid = qarv
+    _decode_or_codec_error(codec, _mutate(good, flips, cut, extra), value=mid)
+
+
 # ------------------------------------------------------- the whole untrusted path (container)
 
 def _reframed(blob: bytes, payload: bytes, **header) -> bytes:

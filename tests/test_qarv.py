@@ -128,13 +128,31 @@ def test_decode_is_exact_where_it_was_written_and_refused_on_another_device_kind
     forged = bytes([payload[0] | 1]) + payload[1:]     # a stream written on a GPU
     with pytest.raises(CodecError, match="written on cuda and decodes only there"):
         codec.decode(forged, w, h, value)
-    with pytest.raises(CodecError, match="precision='float32'"):
-        codec.decode(bytes([payload[0] & ~2]) + payload[1:], w, h, value)
+    assert not np.array_equal(codec.decode(bytes([payload[0] & ~2]) + payload[1:], w, h, value), rec), \
+        "a float64 stream read as float32 must decode through the float32 network, not the float64 one"
     for bad in (payload[:1], payload[:-1], payload + b"\0", b"\x00\x05" + payload[2:]):
         with pytest.raises(CodecError):
             codec.decode(bad, w, h, value)
     with pytest.raises(CodecError, match="outside"):
         codec.decode(payload, w, h, float("nan"))
+
+
+def test_a_decoder_follows_the_precision_its_stream_was_written_in(trained, samples_dir):
+    """precision="float32" writes the authors' streams; any QarvCodec decodes both kinds, so
+    `ratefit decompress` needs no option for them."""
+    img = _photo(samples_dir)[:128, :192]
+    writer = QarvCodec(trained.read_bytes(), device="cpu", precision="float32")
+    reader = QarvCodec(trained.read_bytes(), device="cpu")        # float64, the default
+    value = (writer.control.low + writer.control.high) / 2
+    p = writer.prepare(img)
+    payload = writer.encode(p, value)
+    assert payload[0] & 2 == 0
+    rec = writer.reconstruct(p, value)
+    assert np.array_equal(writer.decode(payload, 192, 128, value), rec)
+    assert np.abs(reader.decode(payload, 192, 128, value).astype(int) - rec).max() <= 1
+    assert reader.model.bias.dtype == torch.float64, "the twin network is the reader's own, built aside"
+    with pytest.raises(CodecError, match="precision must be one of"):
+        QarvCodec(trained.read_bytes(), device="cpu", precision="float16")
 
 
 def test_progressive_decode_is_a_coarser_picture_from_the_same_stream(codec, samples_dir):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-TARGETS = ("container", "gain-hyperprior", "gain-hyperprior-roi", "jpeg", "webp", "avif", "jxl", "jxl-lossless")
+TARGETS = ("container", "gain-hyperprior", "gain-hyperprior-roi", "jpeg", "webp", "avif", "jxl", "jxl-lossless", "qarv")
 _LEARNED = ("gain-hyperprior", "gain-hyperprior-roi")
 _SIZES = ((96, 64), (200, 150), (64, 257))
 DEFAULT_SECONDS = 300.0
@@ -39,6 +39,10 @@ def _codec(name: str):
     """A target's codec, on the CPU (the fuzzer checks decoders, not devices)."""
     from ratefit.codecs.registry import get_codec
 
+    if name == "qarv":   # no weights ship with ratefit: a small untrained network's, the same each run
+        from ratefit.codecs.qarv import QarvCodec, untrained_checkpoint
+
+        return QarvCodec(untrained_checkpoint(), device="cpu")
     return get_codec(name, device="cpu") if name in _LEARNED else get_codec(name)
 
 
@@ -64,6 +68,8 @@ def _seeds(names: tuple[str, ...] = TARGETS[1:]) -> dict[str, list[bytes]]:
     for name in names:
         codec = _codec(name)
         values = (0.0, 4.0, 7.5) if name in _LEARNED else (5, 50, 95)
+        if name == "qarv":
+            values = (codec.control.low, (codec.control.low + codec.control.high) / 2, codec.control.high)
         seeds[name] = []
         for (w, h), v in zip(_SIZES, values):
             img = np.asarray(photo.resize((w, h)))
